@@ -1,0 +1,42 @@
+# ConvLens: `make serve` runs everything on this machine, `make test` runs the checks.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint typecheck pytest serve worker bench data clean
+
+# Create .venv and install the project with its dev tools (pip takes torch's wheels from this disk).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check models service worker tests bench
+	$(BIN)/ruff format --check models service worker tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy models service worker
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The README's test command: lint, types, then the whole test suite.
+test: lint typecheck pytest
+
+serve: $(STAMP)
+	$(BIN)/convlens serve
+
+worker: $(STAMP)
+	$(BIN)/convlens worker
+
+# Real CIFAR-10 into var/data (for training and benchmarks; the tests make their own synthetic data).
+data: $(STAMP)
+	PYTHON=$(BIN)/python ../shared/data/fetch-cifar10.sh var/data
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,321 @@
+"""The training loop: one function with a progress callback and a cancel check, usable with or without a queue."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.checkpoints import load_state, load_state_dict, meta_path, save_checkpoint, save_state, weights_path
+from models.config import TrainConfig
+from models.data import (
+    ArrayDataset,
+    Augment,
+    DeviceLoader,
+    dataset_info,
+    load_cifar,
+    make_dataloader,
+    train_val_split,
+)
+from models.resnet import build_model
+from models.runs import MetricsLog
+
+Progress = Callable[[dict[str, Any]], None]
+CancelCheck = Callable[[], bool]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA when present, the CPU otherwise."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class TrainResult:
+    """How a training call ended, and where its outputs are."""
+
+    status: str  # "succeeded" or "cancelled"
+    epoch: int
+    step: int
+    best_epoch: int | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    best_checkpoint: Path | None = None
+
+
+def _optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> tuple[Any, bool]:
+    """The LR schedule and whether it steps per batch (True) or per epoch (False)."""
+    if cfg.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma), False
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25,
+            anneal_strategy="linear", div_factor=10, final_div_factor=100,
+        ), True
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch), True
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), False
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+    num_classes: int, tta_flip: bool = False,
+) -> dict[str, Any]:
+    """Loss, accuracy and confusion matrix (rows: true class) of a model in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, n = 0.0, 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(x).float()
+            if tta_flip:
+                logits = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).log()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        n += int(y.shape[0])
+        idx = (y * num_classes + logits.argmax(1)).cpu()
+        confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+    model.train(was_training)
+    acc = float(confusion.diag().sum()) / max(n, 1)
+    return {"loss": loss_sum / max(n, 1), "acc": acc, "n": n, "confusion": confusion.tolist()}
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    # bf16 autocast on CUDA only: on this CPU it is slower and changes the numbers the tests compare.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batches(
+    cfg: TrainConfig, ds: ArrayDataset, device: torch.device, train: bool, gen: torch.Generator,
+) -> Any:
+    info = dataset_info(cfg.dataset)
+    aug = Augment(crop=cfg.crop and train, flip=cfg.flip and train, resize=cfg.resize)
+    bs = cfg.batch_size if train else max(cfg.batch_size, 500)
+    if cfg.loader == "dataloader":
+        return make_dataloader(ds, bs, info.mean, info.std, aug, shuffle=train, generator=gen)
+    return DeviceLoader(ds, bs, info.mean, info.std, device, aug, shuffle=train, generator=gen)
+
+
+def checkpoint_meta(cfg: TrainConfig, classes: list[str], epoch: int, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a serving process needs to use a checkpoint without the training code."""
+    info = dataset_info(cfg.dataset)
+    return {
+        "arch": cfg.arch, "dataset": cfg.dataset, "num_classes": info.num_classes, "classes": classes,
+        "mean": list(info.mean), "std": list(info.std), "input_size": cfg.resize or 32,
+        "epoch": epoch, "step": step, "metrics": metrics, "config": cfg.model_dump(), "created": time.time(),
+    }
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    data_root: Path,
+    device: str | torch.device = "auto",
+    progress: Progress | None = None,
+    should_cancel: CancelCheck | None = None,
+    resume: bool = True,
+    tensorboard: bool = True,
+) -> TrainResult:
+    """Train `cfg` into `run_dir` (checkpoints/, metrics.jsonl, tb/), resuming from its state.pt if present."""
+    dev = resolve_device(device)
+    info = dataset_info(cfg.dataset)
+    ckdir = run_dir / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+
+    full = load_cifar(data_root, cfg.dataset, train=True)
+    if cfg.train_limit is not None:
+        full = full.subset(0, min(cfg.train_limit + cfg.val_size, len(full)))
+    train_ds, val_ds = train_val_split(full, cfg.val_size)
+    test_ds = load_cifar(data_root, cfg.dataset, train=False)
+    classes = full.classes
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, info.num_classes).to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = _batches(cfg, train_ds, dev, True, gen)
+    steps_per_epoch = len(loader)
+    opt = _optimizer(cfg, model.parameters())
+    sched, per_step = _scheduler(cfg, opt, steps_per_epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    start_epoch, step, best_acc, best_epoch = 1, 0, -1.0, None
+    state_path = ckdir / "state.pt"
+    if resume and state_path.is_file():
+        st = load_state(state_path)
+        load_state_dict(model, st["model"], str(state_path))
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        gen.set_state(st["generator"])
+        start_epoch, step = int(st["epoch"]) + 1, int(st["step"])
+        best_acc, best_epoch = float(st["best_acc"]), st.get("best_epoch")
+        log.truncate_after(step)  # whatever a killed attempt logged past its last checkpoint
+    total_steps = cfg.epochs * steps_per_epoch
+
+    writer = _summary_writer(run_dir / "tb") if tensorboard else None
+    eval_ds, eval_name = (val_ds, "val") if val_ds is not None else (test_ds, "test")
+    cancelled = False
+    epoch = start_epoch - 1
+    t_start = time.monotonic()
+    steps_done_here = 0
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            model.train()
+            t_epoch = time.monotonic()
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), device=dev, dtype=torch.int64)
+            seen = 0
+            window_t, window_n = time.monotonic(), 0
+            for x, y in loader:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(dev):
+                    logits = model(x)
+                    loss = criterion(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if per_step:
+                    sched.step()
+                step += 1
+                steps_done_here += 1
+                bs = int(y.shape[0])
+                seen += bs
+                window_n += bs
+                loss_sum += loss.detach() * bs
+                correct += (logits.argmax(1) == y).sum()
+                if step % cfg.log_every == 0 or seen == len(train_ds):
+                    now = time.monotonic()
+                    ips = window_n / max(now - window_t, 1e-9)
+                    window_t, window_n = now, 0
+                    rec = {
+                        "kind": "step", "step": step, "epoch": epoch, "loss": float(loss.detach()),
+                        "acc": float((logits.detach().argmax(1) == y).float().mean()), "lr": opt.param_groups[0]["lr"],
+                        "images_per_s": ips, "time": time.time(),
+                    }
+                    log.append([rec])
+                    if writer:
+                        writer.add_scalar("train/loss", rec["loss"], step)
+                        writer.add_scalar("train/lr", rec["lr"], step)
+                    if progress:
+                        elapsed = now - t_start
+                        eta = elapsed / steps_done_here * (total_steps - step)
+                        progress({**rec, "phase": "train", "epochs": cfg.epochs, "total_steps": total_steps,
+                                  "eta_s": eta})
+                if should_cancel and should_cancel():
+                    cancelled = True
+                    break
+            if cancelled:
+                break
+            if not per_step:
+                sched.step()
+            train_metrics = {"loss": float(loss_sum) / max(seen, 1), "acc": float(correct) / max(seen, 1)}
+            if progress:
+                progress({"phase": "eval", "epoch": epoch, "epochs": cfg.epochs, "step": step,
+                          "total_steps": total_steps})
+            ev = evaluate(model, _batches(cfg, eval_ds, dev, False, gen), dev, info.num_classes)
+            rec = {
+                "kind": "epoch", "step": step, "epoch": epoch, "train_loss": train_metrics["loss"],
+                "train_acc": train_metrics["acc"], f"{eval_name}_loss": ev["loss"], f"{eval_name}_acc": ev["acc"],
+                "lr": opt.param_groups[0]["lr"], "seconds": time.monotonic() - t_epoch, "time": time.time(),
+            }
+            metrics = {k: v for k, v in rec.items() if k not in ("kind", "time")}
+            stem = ckdir / f"epoch-{epoch:04d}"
+            save_checkpoint(model, stem, checkpoint_meta(cfg, classes, epoch, step, metrics))
+            if ev["acc"] > best_acc:
+                best_acc, best_epoch = ev["acc"], epoch
+                save_checkpoint(model, ckdir / "best", checkpoint_meta(cfg, classes, epoch, step, metrics))
+            save_state(state_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "generator": gen.get_state(), "epoch": epoch, "step": step, "best_acc": best_acc,
+                "best_epoch": best_epoch,
+            })
+            _prune(ckdir, cfg.keep_last)
+            log.append([{**rec, "best_epoch": best_epoch}])
+            if writer:
+                for k in ("train_loss", "train_acc", f"{eval_name}_loss", f"{eval_name}_acc"):
+                    writer.add_scalar(f"epoch/{k}", rec[k], epoch)
+                writer.flush()
+            if progress:
+                progress({**rec, "phase": "epoch", "epochs": cfg.epochs, "total_steps": total_steps,
+                          "best_epoch": best_epoch})
+    finally:
+        if writer:
+            writer.close()
+
+    best = ckdir / "best"
+    if cancelled:
+        return TrainResult("cancelled", epoch - 1, step, best_epoch, {}, best if meta_path(best).is_file() else None)
+    final = _final_test(cfg, model, best, test_ds, dev, gen, info.num_classes, progress)
+    log.append([{"kind": "final", "step": step, "epoch": cfg.epochs, **final, "time": time.time()}])
+    return TrainResult("succeeded", cfg.epochs, step, best_epoch, final, best)
+
+
+def _final_test(
+    cfg: TrainConfig, model: nn.Module, best: Path, test_ds: ArrayDataset, dev: torch.device,
+    gen: torch.Generator, num_classes: int, progress: Progress | None,
+) -> dict[str, Any]:
+    """Report the test set once: for the final weights and for the best (by validation) checkpoint."""
+    import json
+
+    from models.checkpoints import atomic_write_json, load_weights
+
+    if progress:
+        progress({"phase": "test", "epoch": cfg.epochs})
+    batches = lambda: _batches(cfg, test_ds, dev, False, gen)  # noqa: E731
+    final_ev = evaluate(model, batches(), dev, num_classes)
+    out: dict[str, Any] = {"final_test_acc": final_ev["acc"], "final_test_loss": final_ev["loss"]}
+    if meta_path(best).is_file():
+        meta = json.loads(meta_path(best).read_text())
+        ev = final_ev
+        if meta["epoch"] != cfg.epochs:  # the best epoch is not the last: test its weights too
+            load_state_dict(model, load_weights(weights_path(best)), str(best))
+            ev = evaluate(model, batches(), dev, num_classes)
+        out.update({"test_acc": ev["acc"], "test_loss": ev["loss"], "best_epoch": meta["epoch"],
+                    "confusion": ev["confusion"]})
+        if cfg.tta_flip:
+            out["test_acc_tta"] = evaluate(model, batches(), dev, num_classes, tta_flip=True)["acc"]
+        meta["metrics"] = {**meta.get("metrics", {}), **{k: v for k, v in out.items() if k != "confusion"}}
+        meta["confusion"] = ev["confusion"]
+        atomic_write_json(meta_path(best), meta)
+    return out
+
+
+def _prune(ckdir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` epoch checkpoints (best.* and state.pt are separate)."""
+    epochs = sorted(ckdir.glob("epoch-*.safetensors"))
+    for old in epochs[: max(0, len(epochs) - keep_last)]:
+        old.with_suffix(".json").unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
+
+
+def _summary_writer(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
+        return None
+    return SummaryWriter(str(path))
+
