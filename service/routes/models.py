@@ -1,0 +1,5 @@
+"""Routes: models (filled in by its issue)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,5 @@
+"""Routes: visual (filled in by its issue)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
