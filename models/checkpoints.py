@@ -113,8 +113,11 @@ def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if shapes:
@@ -144,7 +147,9 @@ def load_weights(path: Path, expected_sha256: str | None = None) -> dict[str, to
         raise CheckpointError(f"checkpoint weights {path} are truncated or corrupted: {e}") from e
 
 
-def load_checkpoint(stem: Path, device: str | torch.device = "cpu", verify: bool = True) -> tuple[ResNet18, dict[str, Any]]:
+def load_checkpoint(
+    stem: Path, device: str | torch.device = "cpu", verify: bool = True
+) -> tuple[ResNet18, dict[str, Any]]:
     """Build the recorded architecture and load its weights (eval mode, float32)."""
     meta = read_meta(stem)
     try:

@@ -52,12 +52,27 @@ PRESETS: dict[str, dict[str, object]] = {
     "seed-gamma0.5": {"gamma": 0.5},
     # The CPU recipe (seed stem): SGD nesterov, one-cycle, label smoothing, flip TTA.
     "cpu-fast": {
-        "optimizer": "sgd", "nesterov": True, "lr": 0.1, "weight_decay": 5e-4, "schedule": "onecycle",
-        "label_smoothing": 0.1, "batch_size": 256, "epochs": 30, "tta_flip": True,
+        "optimizer": "sgd",
+        "nesterov": True,
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "schedule": "onecycle",
+        "label_smoothing": 0.1,
+        "batch_size": 256,
+        "epochs": 30,
+        "tta_flip": True,
     },
     # The GPU recipe: the CIFAR stem with a large batch, bf16 autocast and channels_last (on CUDA).
     "gpu-cifar": {
-        "arch": "resnet18-cifar", "optimizer": "sgd", "nesterov": True, "lr": 0.2, "weight_decay": 5e-4,
-        "schedule": "onecycle", "label_smoothing": 0.1, "batch_size": 512, "epochs": 30, "tta_flip": True,
+        "arch": "resnet18-cifar",
+        "optimizer": "sgd",
+        "nesterov": True,
+        "lr": 0.2,
+        "weight_decay": 5e-4,
+        "schedule": "onecycle",
+        "label_smoothing": 0.1,
+        "batch_size": 512,
+        "epochs": 30,
+        "tta_flip": True,
     },
 }

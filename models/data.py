@@ -104,7 +104,8 @@ def load_cifar(root: str | Path, name: str = "cifar10", train: bool = True, down
     else:
         files = ["train"] if train else ["test"]
         label_key, meta_file, names_key = "fine_labels", "meta", "fine_label_names"
-    datas, labels = [], []
+    datas: list[np.ndarray] = []
+    labels: list[int] = []
     for fname in files:
         path = folder / fname
         if not path.is_file():

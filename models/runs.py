@@ -26,7 +26,8 @@ def validate_run_id(run_id: str) -> str:
     """Ids become folder names: letters, digits, '-' and '_' only, at most 64, never a path."""
     if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
         raise InvalidArgument(
-            f"invalid run id {str(run_id)[:80]!r}: use 1-64 letters, digits, '-' or '_' (starting with a letter or digit)"
+            f"invalid run id {str(run_id)[:80]!r}: use 1-64 letters, digits, '-' or '_' "
+            "(starting with a letter or digit)"
         )
     return run_id
 
@@ -64,10 +65,19 @@ class RunStore:
         if (d / "run.json").exists():
             raise InvalidArgument(f"run {run_id} already exists")
         now = time.time()
-        atomic_write_json(d / "run.json", {
-            "id": run_id, "status": status, "config": config, "created": now, "updated": now,
-            "attempts": 0, "progress": {}, "metrics": {},
-        })
+        atomic_write_json(
+            d / "run.json",
+            {
+                "id": run_id,
+                "status": status,
+                "config": config,
+                "created": now,
+                "updated": now,
+                "attempts": 0,
+                "progress": {},
+                "metrics": {},
+            },
+        )
         return run_id
 
     def read_run(self, run_id: str) -> dict[str, Any]:
@@ -147,4 +157,3 @@ class MetricsLog:
             return
         keep = [r for r in self.read() if r.get("step", 0) <= step]
         atomic_write_bytes(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep).encode())
-

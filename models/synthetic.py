@@ -18,8 +18,13 @@ def synthetic_images(n: int, num_classes: int, rng: np.random.Generator) -> tupl
     yy, xx = np.mgrid[0:32, 0:32]
     imgs = np.empty((n, 3, 32, 32), dtype=np.float32)
     for i, k in enumerate(labels):
-        hue = np.array([np.cos(2 * np.pi * k / num_classes), np.cos(2 * np.pi * (k / num_classes + 1 / 3)),
-                        np.cos(2 * np.pi * (k / num_classes + 2 / 3))])
+        hue = np.array(
+            [
+                np.cos(2 * np.pi * k / num_classes),
+                np.cos(2 * np.pi * (k / num_classes + 1 / 3)),
+                np.cos(2 * np.pi * (k / num_classes + 2 / 3)),
+            ]
+        )
         angle = np.pi * k / num_classes
         stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 0.8)
         base = 128 + 70 * hue[:, None, None] + 30 * stripes[None]
@@ -27,8 +32,9 @@ def synthetic_images(n: int, num_classes: int, rng: np.random.Generator) -> tupl
     return np.clip(imgs, 0, 255).astype(np.uint8).reshape(n, -1), [int(v) for v in labels]
 
 
-def write_synthetic_cifar(root: str | Path, name: str = "cifar10", n_train: int = 1000, n_test: int = 200,
-                          seed: int = 0) -> Path:
+def write_synthetic_cifar(
+    root: str | Path, name: str = "cifar10", n_train: int = 1000, n_test: int = 200, seed: int = 0
+) -> Path:
     """Write `root/<folder>` in the standard pickle layout (5 train batches for CIFAR-10)."""
     info = dataset_info(name)
     folder = Path(root) / info.folder

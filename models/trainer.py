@@ -54,7 +54,10 @@ def _optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
     return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
 
@@ -65,8 +68,13 @@ def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: in
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma), False
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25,
-            anneal_strategy="linear", div_factor=10, final_div_factor=100,
+            opt,
+            max_lr=cfg.lr,
+            total_steps=cfg.epochs * steps_per_epoch,
+            pct_start=0.25,
+            anneal_strategy="linear",
+            div_factor=10,
+            final_div_factor=100,
         ), True
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch), True
@@ -75,8 +83,11 @@ def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: in
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-    num_classes: int, tta_flip: bool = False,
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    num_classes: int,
+    tta_flip: bool = False,
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix (rows: true class) of a model in eval mode."""
     was_training = model.training
@@ -106,7 +117,11 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 
 def _batches(
-    cfg: TrainConfig, ds: ArrayDataset, device: torch.device, train: bool, gen: torch.Generator,
+    cfg: TrainConfig,
+    ds: ArrayDataset,
+    device: torch.device,
+    train: bool,
+    gen: torch.Generator,
 ) -> Any:
     info = dataset_info(cfg.dataset)
     aug = Augment(crop=cfg.crop and train, flip=cfg.flip and train, resize=cfg.resize)
@@ -116,13 +131,24 @@ def _batches(
     return DeviceLoader(ds, bs, info.mean, info.std, device, aug, shuffle=train, generator=gen)
 
 
-def checkpoint_meta(cfg: TrainConfig, classes: list[str], epoch: int, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_meta(
+    cfg: TrainConfig, classes: list[str], epoch: int, step: int, metrics: dict[str, Any]
+) -> dict[str, Any]:
     """What a serving process needs to use a checkpoint without the training code."""
     info = dataset_info(cfg.dataset)
     return {
-        "arch": cfg.arch, "dataset": cfg.dataset, "num_classes": info.num_classes, "classes": classes,
-        "mean": list(info.mean), "std": list(info.std), "input_size": cfg.resize or 32,
-        "epoch": epoch, "step": step, "metrics": metrics, "config": cfg.model_dump(), "created": time.time(),
+        "arch": cfg.arch,
+        "dataset": cfg.dataset,
+        "num_classes": info.num_classes,
+        "classes": classes,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "input_size": cfg.resize or 32,
+        "epoch": epoch,
+        "step": step,
+        "metrics": metrics,
+        "config": cfg.model_dump(),
+        "created": time.time(),
     }
 
 
@@ -212,9 +238,14 @@ def train(
                     ips = window_n / max(now - window_t, 1e-9)
                     window_t, window_n = now, 0
                     rec = {
-                        "kind": "step", "step": step, "epoch": epoch, "loss": float(loss.detach()),
-                        "acc": float((logits.detach().argmax(1) == y).float().mean()), "lr": opt.param_groups[0]["lr"],
-                        "images_per_s": ips, "time": time.time(),
+                        "kind": "step",
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": float(loss.detach()),
+                        "acc": float((logits.detach().argmax(1) == y).float().mean()),
+                        "lr": opt.param_groups[0]["lr"],
+                        "images_per_s": ips,
+                        "time": time.time(),
                     }
                     log.append([rec])
                     if writer:
@@ -223,8 +254,9 @@ def train(
                     if progress:
                         elapsed = now - t_start
                         eta = elapsed / steps_done_here * (total_steps - step)
-                        progress({**rec, "phase": "train", "epochs": cfg.epochs, "total_steps": total_steps,
-                                  "eta_s": eta})
+                        progress(
+                            {**rec, "phase": "train", "epochs": cfg.epochs, "total_steps": total_steps, "eta_s": eta}
+                        )
                 if should_cancel and should_cancel():
                     cancelled = True
                     break
@@ -234,13 +266,21 @@ def train(
                 sched.step()
             train_metrics = {"loss": float(loss_sum) / max(seen, 1), "acc": float(correct) / max(seen, 1)}
             if progress:
-                progress({"phase": "eval", "epoch": epoch, "epochs": cfg.epochs, "step": step,
-                          "total_steps": total_steps})
+                progress(
+                    {"phase": "eval", "epoch": epoch, "epochs": cfg.epochs, "step": step, "total_steps": total_steps}
+                )
             ev = evaluate(model, _batches(cfg, eval_ds, dev, False, gen), dev, info.num_classes)
             rec = {
-                "kind": "epoch", "step": step, "epoch": epoch, "train_loss": train_metrics["loss"],
-                "train_acc": train_metrics["acc"], f"{eval_name}_loss": ev["loss"], f"{eval_name}_acc": ev["acc"],
-                "lr": opt.param_groups[0]["lr"], "seconds": time.monotonic() - t_epoch, "time": time.time(),
+                "kind": "epoch",
+                "step": step,
+                "epoch": epoch,
+                "train_loss": train_metrics["loss"],
+                "train_acc": train_metrics["acc"],
+                f"{eval_name}_loss": ev["loss"],
+                f"{eval_name}_acc": ev["acc"],
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.monotonic() - t_epoch,
+                "time": time.time(),
             }
             metrics = {k: v for k, v in rec.items() if k not in ("kind", "time")}
             stem = ckdir / f"epoch-{epoch:04d}"
@@ -248,11 +288,19 @@ def train(
             if ev["acc"] > best_acc:
                 best_acc, best_epoch = ev["acc"], epoch
                 save_checkpoint(model, ckdir / "best", checkpoint_meta(cfg, classes, epoch, step, metrics))
-            save_state(state_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "generator": gen.get_state(), "epoch": epoch, "step": step, "best_acc": best_acc,
-                "best_epoch": best_epoch,
-            })
+            save_state(
+                state_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(),
+                    "epoch": epoch,
+                    "step": step,
+                    "best_acc": best_acc,
+                    "best_epoch": best_epoch,
+                },
+            )
             _prune(ckdir, cfg.keep_last)
             log.append([{**rec, "best_epoch": best_epoch}])
             if writer:
@@ -260,8 +308,15 @@ def train(
                     writer.add_scalar(f"epoch/{k}", rec[k], epoch)
                 writer.flush()
             if progress:
-                progress({**rec, "phase": "epoch", "epochs": cfg.epochs, "total_steps": total_steps,
-                          "best_epoch": best_epoch})
+                progress(
+                    {
+                        **rec,
+                        "phase": "epoch",
+                        "epochs": cfg.epochs,
+                        "total_steps": total_steps,
+                        "best_epoch": best_epoch,
+                    }
+                )
     finally:
         if writer:
             writer.close()
@@ -275,8 +330,14 @@ def train(
 
 
 def _final_test(
-    cfg: TrainConfig, model: nn.Module, best: Path, test_ds: ArrayDataset, dev: torch.device,
-    gen: torch.Generator, num_classes: int, progress: Progress | None,
+    cfg: TrainConfig,
+    model: nn.Module,
+    best: Path,
+    test_ds: ArrayDataset,
+    dev: torch.device,
+    gen: torch.Generator,
+    num_classes: int,
+    progress: Progress | None,
 ) -> dict[str, Any]:
     """Report the test set once: for the final weights and for the best (by validation) checkpoint."""
     import json
@@ -294,8 +355,9 @@ def _final_test(
         if meta["epoch"] != cfg.epochs:  # the best epoch is not the last: test its weights too
             load_state_dict(model, load_weights(weights_path(best)), str(best))
             ev = evaluate(model, batches(), dev, num_classes)
-        out.update({"test_acc": ev["acc"], "test_loss": ev["loss"], "best_epoch": meta["epoch"],
-                    "confusion": ev["confusion"]})
+        out.update(
+            {"test_acc": ev["acc"], "test_loss": ev["loss"], "best_epoch": meta["epoch"], "confusion": ev["confusion"]}
+        )
         if cfg.tta_flip:
             out["test_acc_tta"] = evaluate(model, batches(), dev, num_classes, tta_flip=True)["acc"]
         meta["metrics"] = {**meta.get("metrics", {}), **{k: v for k, v in out.items() if k != "confusion"}}
@@ -318,4 +380,3 @@ def _summary_writer(path: Path) -> Any:
     except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
         return None
     return SummaryWriter(str(path))
-

@@ -75,8 +75,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     run = execute_run(store, run_id, data_root, device=ns.device, on_progress=show)
     bar.close()
-    print(json.dumps({k: run.get(k) for k in ("id", "status", "metrics", "best_epoch", "best_checkpoint", "error")},
-                     indent=2))
+    print(
+        json.dumps(
+            {k: run.get(k) for k in ("id", "status", "metrics", "best_epoch", "best_checkpoint", "error")}, indent=2
+        )
+    )
     return 0 if run["status"] == "succeeded" else 1
 
 

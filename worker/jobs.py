@@ -19,8 +19,13 @@ HEARTBEAT_S = 1.0
 class Heartbeat:
     """Writes progress into run.json at most once per `interval` seconds (and always for epoch ends)."""
 
-    def __init__(self, store: RunStore, run_id: str, interval: float = HEARTBEAT_S,
-                 forward: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        run_id: str,
+        interval: float = HEARTBEAT_S,
+        forward: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.store, self.run_id, self.interval, self.forward = store, run_id, interval, forward
         self.last = 0.0
 
@@ -50,23 +55,46 @@ def execute_run(
     cfg = TrainConfig.model_validate(run["config"])
     if store.cancel_requested(run_id):
         return store.update_run(run_id, status="cancelled", finished=time.time())
-    store.update_run(run_id, status="running", started=run.get("started") or time.time(), heartbeat=time.time(),
-                     attempts=int(run.get("attempts", 0)) + 1, error=None)
+    store.update_run(
+        run_id,
+        status="running",
+        started=run.get("started") or time.time(),
+        heartbeat=time.time(),
+        attempts=int(run.get("attempts", 0)) + 1,
+        error=None,
+    )
     beat = Heartbeat(store, run_id, forward=on_progress)
     cancel = lambda: store.cancel_requested(run_id) or bool(stop_requested and stop_requested())  # noqa: E731
     try:
-        result: TrainResult = train(cfg, store.run_dir(run_id), data_root, device=device, progress=beat,
-                                    should_cancel=cancel, resume=True, tensorboard=tensorboard)
+        result: TrainResult = train(
+            cfg,
+            store.run_dir(run_id),
+            data_root,
+            device=device,
+            progress=beat,
+            should_cancel=cancel,
+            resume=True,
+            tensorboard=tensorboard,
+        )
     except ConvLensError as e:
         return store.update_run(run_id, status="failed", error=str(e), finished=time.time())
     except Exception as e:
-        return store.update_run(run_id, status="failed", error=f"{type(e).__name__}: {e}",
-                                traceback=traceback.format_exc()[-4000:], finished=time.time())
+        return store.update_run(
+            run_id,
+            status="failed",
+            error=f"{type(e).__name__}: {e}",
+            traceback=traceback.format_exc()[-4000:],
+            finished=time.time(),
+        )
     if result.status == "cancelled" and not store.cancel_requested(run_id):
         # Stopped by the worker (shutdown), not by a user: the job goes back to the queue.
         return store.update_run(run_id, status="queued", progress={"phase": "interrupted", "epoch": result.epoch})
     metrics = {k: v for k, v in result.metrics.items() if k != "confusion"}
     return store.update_run(
-        run_id, status=result.status, finished=time.time(), metrics=metrics, best_epoch=result.best_epoch,
+        run_id,
+        status=result.status,
+        finished=time.time(),
+        metrics=metrics,
+        best_epoch=result.best_epoch,
         best_checkpoint=str(result.best_checkpoint.relative_to(store.home)) if result.best_checkpoint else None,
     )

@@ -90,8 +90,17 @@ def test_resume_state_round_trip_and_refuses_pickled_objects(tmp_path: Path) -> 
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [10, 15], 0.4)
     gen = torch.Generator().manual_seed(3)
     path = tmp_path / "state.pt"
-    save_state(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "generator": gen.get_state(), "epoch": 3, "step": 30})
+    save_state(
+        path,
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "generator": gen.get_state(),
+            "epoch": 3,
+            "step": 30,
+        },
+    )
     st = load_state(path)
     assert st["epoch"] == 3 and torch.equal(st["generator"], gen.get_state())
     sched.load_state_dict(st["scheduler"])

@@ -68,8 +68,12 @@ def test_random_crop_is_a_crop_of_the_zero_padded_image() -> None:
     padded = F.pad(x, (4, 4, 4, 4))
     offsets = set()
     for i in range(16):
-        hits = [(dy, dx) for dy in range(9) for dx in range(9)
-                if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
+        hits = [
+            (dy, dx)
+            for dy in range(9)
+            for dx in range(9)
+            if torch.equal(out[i], padded[i, :, dy : dy + 32, dx : dx + 32])
+        ]
         assert hits, f"image {i} is not a crop"
         offsets.add(hits[0])
     assert len(offsets) > 1  # per-image offsets, not one for the batch
@@ -98,8 +102,14 @@ def test_device_path_equals_torchvision_path_without_augmentation(synthetic_data
 def test_device_loader_augments_and_resizes(synthetic_data: Path) -> None:
     ds = load_cifar(synthetic_data, "cifar10", train=False)
     info = dataset_info("cifar10")
-    loader = DeviceLoader(ds, 50, info.mean, info.std, augment=Augment(crop=True, flip=True, resize=64),
-                          generator=torch.Generator().manual_seed(1))
+    loader = DeviceLoader(
+        ds,
+        50,
+        info.mean,
+        info.std,
+        augment=Augment(crop=True, flip=True, resize=64),
+        generator=torch.Generator().manual_seed(1),
+    )
     batches = list(loader)
     assert len(batches) == 4 and batches[0][0].shape == (50, 3, 64, 64)
     labels = torch.cat([y for _, y in batches])

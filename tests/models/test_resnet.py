@@ -11,10 +11,20 @@ from models.errors import UnknownArchitecture, UnknownLayer
 from models.resnet import LAYER_ALIASES, build_model, canonical_layer, conv_layer, layer_module
 
 SHAPES = {
-    "resnet18": {"conv1": (64, 16, 16), "layer1": (64, 8, 8), "layer2": (128, 4, 4), "layer3": (256, 2, 2),
-                 "layer4": (512, 1, 1)},
-    "resnet18-cifar": {"conv1": (64, 32, 32), "layer1": (64, 32, 32), "layer2": (128, 16, 16),
-                       "layer3": (256, 8, 8), "layer4": (512, 4, 4)},
+    "resnet18": {
+        "conv1": (64, 16, 16),
+        "layer1": (64, 8, 8),
+        "layer2": (128, 4, 4),
+        "layer3": (256, 2, 2),
+        "layer4": (512, 1, 1),
+    },
+    "resnet18-cifar": {
+        "conv1": (64, 32, 32),
+        "layer1": (64, 32, 32),
+        "layer2": (128, 16, 16),
+        "layer3": (256, 8, 8),
+        "layer4": (512, 4, 4),
+    },
 }
 
 
@@ -22,8 +32,12 @@ SHAPES = {
 def test_named_layer_shapes(arch: str) -> None:
     model = build_model(arch, 10).eval()
     seen: dict[str, tuple[int, ...]] = {}
-    handles = [layer_module(model, name).register_forward_hook(
-        lambda _m, _i, out, name=name: seen.__setitem__(name, tuple(out.shape[1:]))) for name in SHAPES[arch]]
+    handles = [
+        layer_module(model, name).register_forward_hook(
+            lambda _m, _i, out, name=name: seen.__setitem__(name, tuple(out.shape[1:]))
+        )
+        for name in SHAPES[arch]
+    ]
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 32, 32))
     for h in handles:

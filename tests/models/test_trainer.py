@@ -25,8 +25,13 @@ def test_one_epoch_learns_and_writes_everything(tmp_path: Path, synthetic_data: 
     assert result.status == "succeeded" and result.step == 6
     assert result.metrics["test_acc"] > 0.5, result.metrics  # chance is 0.1
     ck = tmp_path / "checkpoints"
-    assert {p.name for p in ck.iterdir()} >= {"epoch-0001.safetensors", "epoch-0001.json", "best.safetensors",
-                                              "best.json", "state.pt"}
+    assert {p.name for p in ck.iterdir()} >= {
+        "epoch-0001.safetensors",
+        "epoch-0001.json",
+        "best.safetensors",
+        "best.json",
+        "state.pt",
+    }
     model, meta = load_checkpoint(ck / "best")
     assert meta["metrics"]["test_acc"] == result.metrics["test_acc"] and meta["classes"][0] == "airplane"
     assert meta["mean"] == [0.4914, 0.4822, 0.4465] and meta["config"]["train_limit"] == 300
@@ -47,8 +52,9 @@ def test_dataloader_path_trains_too(tmp_path: Path, synthetic_data: Path) -> Non
 def test_cancel_stops_between_steps(tmp_path: Path, synthetic_data: Path) -> None:
     cfg = TrainConfig(epochs=3, **SMALL)  # type: ignore[arg-type]
     calls = iter(range(1000))
-    result = train(cfg, tmp_path, synthetic_data, device="cpu", should_cancel=lambda: next(calls) >= 8,
-                   tensorboard=False)
+    result = train(
+        cfg, tmp_path, synthetic_data, device="cpu", should_cancel=lambda: next(calls) >= 8, tensorboard=False
+    )
     assert result.status == "cancelled" and result.step == 9 and result.epoch == 1
     assert (tmp_path / "checkpoints" / "epoch-0001.safetensors").is_file()  # the finished epoch is kept
     assert not (tmp_path / "checkpoints" / "epoch-0002.safetensors").exists()
@@ -69,8 +75,9 @@ def test_resume_continues_exactly(tmp_path: Path, synthetic_data: Path) -> None:
                 raise Crash  # as if the process died right after the epoch's checkpoint
 
         with pytest.raises(Crash):
-            train(cfg, tmp_path / "b", synthetic_data, device="cpu", progress=crash_after_first_epoch,
-                  tensorboard=False)
+            train(
+                cfg, tmp_path / "b", synthetic_data, device="cpu", progress=crash_after_first_epoch, tensorboard=False
+            )
         resumed = train(cfg, tmp_path / "b", synthetic_data, device="cpu", tensorboard=False)
     finally:
         torch.use_deterministic_algorithms(False)
@@ -79,10 +86,16 @@ def test_resume_continues_exactly(tmp_path: Path, synthetic_data: Path) -> None:
     b = load_file(str(tmp_path / "b" / "checkpoints" / "epoch-0002.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
-    log_a = [json.dumps({k: v for k, v in r.items() if k in ("step", "epoch", "loss", "lr")})
-             for r in MetricsLog(tmp_path / "a" / "metrics.jsonl").read() if r["kind"] == "step"]
-    log_b = [json.dumps({k: v for k, v in r.items() if k in ("step", "epoch", "loss", "lr")})
-             for r in MetricsLog(tmp_path / "b" / "metrics.jsonl").read() if r["kind"] == "step"]
+    log_a = [
+        json.dumps({k: v for k, v in r.items() if k in ("step", "epoch", "loss", "lr")})
+        for r in MetricsLog(tmp_path / "a" / "metrics.jsonl").read()
+        if r["kind"] == "step"
+    ]
+    log_b = [
+        json.dumps({k: v for k, v in r.items() if k in ("step", "epoch", "loss", "lr")})
+        for r in MetricsLog(tmp_path / "b" / "metrics.jsonl").read()
+        if r["kind"] == "step"
+    ]
     assert log_a == log_b  # same steps, once each, with the same losses and learning rates
 
 
@@ -91,5 +104,10 @@ def test_resume_with_other_architecture_is_refused(tmp_path: Path, synthetic_dat
 
     train(TrainConfig(epochs=1, **SMALL), tmp_path, synthetic_data, device="cpu", tensorboard=False)  # type: ignore[arg-type]
     with pytest.raises(CheckpointError, match="does not fit"):
-        train(TrainConfig(epochs=2, arch="resnet18-cifar", **SMALL), tmp_path, synthetic_data, device="cpu",  # type: ignore[arg-type]
-              tensorboard=False)
+        train(
+            TrainConfig(epochs=2, arch="resnet18-cifar", **SMALL),
+            tmp_path,
+            synthetic_data,
+            device="cpu",  # type: ignore[arg-type]
+            tensorboard=False,
+        )
