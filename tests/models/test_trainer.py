@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.checkpoints import load_checkpoint
-from models.config import TrainConfig
+from models.config import PRESETS, TrainConfig
 from models.runs import MetricsLog
 from models.trainer import train
 
@@ -111,3 +111,18 @@ def test_resume_with_other_architecture_is_refused(tmp_path: Path, synthetic_dat
             device="cpu",  # type: ignore[arg-type]
             tensorboard=False,
         )
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_validate(name: str) -> None:
+    cfg = TrainConfig.model_validate(PRESETS[name])
+    assert cfg.epochs >= 1
+
+
+def test_gpu_preset_runs_end_to_end_on_the_cpu(tmp_path: Path, synthetic_data: Path) -> None:
+    cfg = TrainConfig.model_validate(
+        {**PRESETS["gpu-cifar"], "epochs": 1, "batch_size": 32, "train_limit": 64, "val_size": 32}
+    )
+    result = train(cfg, tmp_path, synthetic_data, device="auto", tensorboard=False)
+    assert result.status == "succeeded" and result.step == 2
+    assert "test_acc_tta" in result.metrics  # flip test-time augmentation is reported
