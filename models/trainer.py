@@ -198,6 +198,8 @@ def train(
         start_epoch, step = int(st["epoch"]) + 1, int(st["step"])
         best_acc, best_epoch = float(st["best_acc"]), st.get("best_epoch")
         log.truncate_after(step)  # whatever a killed attempt logged past its last checkpoint
+    else:
+        log.truncate_after(0)  # a fresh start: records of an attempt killed before its first checkpoint go
     total_steps = cfg.epochs * steps_per_epoch
 
     writer = _summary_writer(run_dir / "tb") if tensorboard else None
@@ -288,6 +290,13 @@ def train(
             if ev["acc"] > best_acc:
                 best_acc, best_epoch = ev["acc"], epoch
                 save_checkpoint(model, ckdir / "best", checkpoint_meta(cfg, classes, epoch, step, metrics))
+            # The epoch's record goes in before the resume state: a kill in between loses the record with the
+            # state (resume truncates the log to its step), never keeps a state whose record is missing.
+            log.append([{**rec, "best_epoch": best_epoch}])
+            if writer:
+                for k in ("train_loss", "train_acc", f"{eval_name}_loss", f"{eval_name}_acc"):
+                    writer.add_scalar(f"epoch/{k}", rec[k], epoch)
+                writer.flush()
             save_state(
                 state_path,
                 {
@@ -302,11 +311,6 @@ def train(
                 },
             )
             _prune(ckdir, cfg.keep_last)
-            log.append([{**rec, "best_epoch": best_epoch}])
-            if writer:
-                for k in ("train_loss", "train_acc", f"{eval_name}_loss", f"{eval_name}_acc"):
-                    writer.add_scalar(f"epoch/{k}", rec[k], epoch)
-                writer.flush()
             if progress:
                 progress(
                     {

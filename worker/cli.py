@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import sys
+import time
 import types
 import typing
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,119 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0 if run["status"] == "succeeded" else 1
 
 
+def cmd_worker(ns: argparse.Namespace) -> int:
+    """A Celery worker with the project's settings: one job at a time (solo pool) on the training queue."""
+    for flag, env in ((ns.home, "CONVLENS_HOME"), (ns.data, "CONVLENS_DATA_DIR"), (ns.device, "CONVLENS_DEVICE")):
+        if flag:
+            os.environ[env] = flag
+    from worker.celery_app import worker_app
+    from worker.settings import get_worker_settings
+
+    get_worker_settings.cache_clear()
+    queue = get_worker_settings().queue
+    # No gossip/mingle: they only sync revokes between workers, and add a second to every start.
+    argv = ["worker", "--pool=solo", "--concurrency=1", "-Q", queue, f"--loglevel={ns.loglevel}"]
+    argv += ["--without-gossip", "--without-mingle", *(["-n", ns.hostname] if ns.hostname else [])]
+    extra = ns.celery_args[1:] if ns.celery_args[:1] == ["--"] else ns.celery_args
+    worker_app().worker_main([*argv, *extra])
+    return 0
+
+
+def _api_url(ns: argparse.Namespace) -> str:
+    return str(ns.url or os.environ.get("CONVLENS_URL", "http://127.0.0.1:8000")).rstrip("/")
+
+
+def cmd_submit(ns: argparse.Namespace) -> int:
+    """POST /train with a config built like `train`'s; prints the job, then follows it with --watch."""
+    import httpx
+    from pydantic import ValidationError
+
+    try:
+        cfg = config_from_args(ns)
+    except ValidationError as e:
+        print(f"invalid training config:\n{e}", file=sys.stderr)
+        return 2
+    params = {"run_id": ns.run_id} if ns.run_id else {}
+    try:
+        r = httpx.post(f"{_api_url(ns)}/train", json=cfg.model_dump(), params=params, timeout=30)
+    except httpx.HTTPError as e:
+        print(f"cannot reach {_api_url(ns)}: {e}", file=sys.stderr)
+        return 1
+    if r.status_code != 202:
+        print(f"{r.status_code}: {r.text}", file=sys.stderr)
+        return 1
+    job = r.json()
+    print(json.dumps(job, indent=2))
+    return watch_job(_api_url(ns), job["id"]) if ns.watch else 0
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, str, str | None]]:
+    """(event, data, id) from the lines of a text/event-stream; comments and `retry:` are skipped."""
+    data: list[str] = []
+    event: str = "message"
+    eid: str | None = None
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data), eid
+            event, data, eid = "message", [], None
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+            elif name == "id":
+                eid = value
+
+
+def watch_job(url: str, job: str, retries: int = 10) -> int:
+    """A progress bar fed by GET /jobs/{job}/events; reconnects with Last-Event-ID; exits on the end event."""
+    import httpx
+    from tqdm import tqdm
+
+    bar = tqdm(unit="step", dynamic_ncols=True, desc=job)
+    last_id: str | None = None
+    failures = 0
+    try:
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with httpx.stream(
+                    "GET", f"{url}/jobs/{job}/events", headers=headers, timeout=httpx.Timeout(10, read=120)
+                ) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        bar.write(f"{r.status_code}: {r.text}")
+                        return 2
+                    for event, data, eid in sse_events(r.iter_lines()):
+                        failures, last_id = 0, eid or last_id
+                        rec = json.loads(data)
+                        if event == "step":
+                            bar.n = rec["step"]
+                            post = {k: f"{rec[k]:.4g}" for k in ("loss", "acc", "lr") if k in rec}
+                            bar.set_postfix({"epoch": rec.get("epoch"), **post}, refresh=True)
+                        elif event == "status":
+                            bar.total = (rec.get("progress") or {}).get("total_steps") or bar.total
+                            bar.set_description(f"{job} {rec['status']}")
+                        elif event == "epoch":
+                            accs = {k: round(v, 4) for k, v in rec.items() if k.endswith("_acc")}
+                            bar.write(f"epoch {rec['epoch']}: {accs}")
+                        elif event == "end":
+                            bar.close()
+                            print(json.dumps({k: rec.get(k) for k in ("id", "status", "metrics", "error")}, indent=2))
+                            return 0 if rec.get("status") == "succeeded" else 1
+            except httpx.TransportError as e:
+                failures += 1
+                if failures > retries:
+                    bar.write(f"lost the event stream: {e}")
+                    return 1
+                time.sleep(min(2.0 * failures, 10.0))
+    finally:
+        bar.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_ID", help="continue a run from its last checkpoint")
     _add_config_options(t)
     t.set_defaults(func=cmd_train)
+
+    w = sub.add_parser("worker", help="run a Celery worker for training jobs (solo pool, the train queue)")
+    w.add_argument("--home", help="run store (default: $CONVLENS_HOME or ./var)")
+    w.add_argument("--data", help="dataset root (default: $CONVLENS_DATA_DIR or <home>/data)")
+    w.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default: $CONVLENS_DEVICE or auto)")
+    w.add_argument("--hostname", "-n", help="Celery node name (default: celery@<host>)")
+    w.add_argument("--loglevel", "-l", default="INFO")
+    w.add_argument("celery_args", nargs=argparse.REMAINDER, help="more `celery worker` options, after --")
+    w.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("submit", help="queue a training job on a running API (POST /train)")
+    s.add_argument("--url", help="the API (default: $CONVLENS_URL or http://127.0.0.1:8000)")
+    s.add_argument("--preset", choices=sorted(PRESETS), default="seed", help="start from a named recipe")
+    s.add_argument("--run-id", help="name the job (default: a timestamp)")
+    s.add_argument("--watch", action="store_true", help="then follow it with a progress bar")
+    _add_config_options(s)
+    s.set_defaults(func=cmd_submit)
+
+    wa = sub.add_parser("watch", help="follow a job's progress (its event stream) until it ends")
+    wa.add_argument("job", help="the job id")
+    wa.add_argument("--url", help="the API (default: $CONVLENS_URL or http://127.0.0.1:8000)")
+    wa.set_defaults(func=lambda ns: watch_job(_api_url(ns), ns.job))
     return parser
 
 
