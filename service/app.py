@@ -1,27 +1,72 @@
-"""The FastAPI app factory: settings, shared state, routers, error mapping."""
+"""The FastAPI app factory: settings, shared state (registry, batcher, metrics), routers, error mapping."""
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
+import torch
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from models.errors import ConvLensError
 from models.runs import RunStore
 from service import errors
-from service.routes import health, jobs, models, predict, visual
+from service.batching import Batcher
+from service.metrics import Metrics, MetricsMiddleware
+from service.registry import ModelRegistry, checkpoint_dir_source
+from service.routes import explain, health, jobs, models, predict, visual
 from service.settings import Settings, get_settings
+
+log = logging.getLogger("convlens.app")
+
+
+def default_torch_threads() -> int:
+    """One core fewer than this process may use: the event loop (HTTP, decoding) needs one of its own."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def build_registry(settings: Settings, store: RunStore, metrics: Metrics | None = None) -> ModelRegistry:
+    """The registry over the run store, registry.json and any shipped model folders."""
+    return ModelRegistry(
+        store,
+        extra_sources=[("shipped", checkpoint_dir_source(d)) for d in settings.model_dirs],
+        cache_size=settings.model_cache_size,
+        device=settings.device,
+        default_model=settings.default_model,
+        on_load=metrics.observe_load if metrics else None,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; tests pass their own Settings, the server reads the environment."""
     settings = settings or get_settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.settings = settings
-        app.state.store = RunStore(settings.home)
-        yield
+        torch.set_num_threads(settings.torch_threads or default_torch_threads())
+        store = RunStore(settings.home)
+        registry = build_registry(settings, store, metrics)
+        batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms, settings.max_queue_images, metrics)
+        batcher.start()
+        app.state.settings, app.state.store, app.state.registry, app.state.batcher = settings, store, registry, batcher
+        try:
+            # Load the default now, so neither the first request nor /ready pays for it; none yet is not fatal.
+            await anyio.to_thread.run_sync(registry.get)
+        except ConvLensError as e:
+            log.warning("no default model loaded at startup: %s", e)
+        # What startup allocated lives as long as the process: keep it out of the collector's full passes, which
+        # would otherwise walk every torch and FastAPI object while requests wait.
+        gc.freeze()
+        try:
+            yield
+        finally:
+            batcher.close()
 
     app = FastAPI(
         title="ConvLens",
@@ -29,7 +74,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Train, serve and look inside a ResNet18 CIFAR classifier.",
         lifespan=lifespan,
     )
+    app.state.settings, app.state.metrics = settings, metrics
     errors.install(app)
-    for module in (health, models, predict, visual, jobs):
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    for module in (health, models, predict, visual, explain, jobs):
         app.include_router(module.router)
     return app

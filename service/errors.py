@@ -21,8 +21,33 @@ from models.runs import RunNotFound
 
 log = logging.getLogger("convlens.errors")
 
+
+class PayloadTooLarge(BadImage):
+    """An upload over the byte, pixel or image-count limits."""
+
+
+class UnsupportedMediaType(BadImage):
+    """A request body in a content type the endpoint does not read."""
+
+
+class ModelNotFound(ConvLensError, LookupError):
+    """No model with that id in the registry."""
+
+
+class NoModel(ConvLensError):
+    """No model can serve at all: nothing trained or shipped yet."""
+
+
+class Overloaded(ConvLensError):
+    """The inference queue is full; the client should retry shortly."""
+
+
+# First match wins, so subclasses come before their bases.
 STATUS: list[tuple[type[ConvLensError], int]] = [
     (RunNotFound, 404),
+    (ModelNotFound, 404),
+    (PayloadTooLarge, 413),
+    (UnsupportedMediaType, 415),
     (BadImage, 422),
     (UnknownLayer, 422),
     (InvalidArgument, 422),
@@ -30,7 +55,12 @@ STATUS: list[tuple[type[ConvLensError], int]] = [
     (UnknownDataset, 422),
     (DatasetMissing, 503),  # the server lacks data; not the client's fault
     (CheckpointError, 503),
+    (NoModel, 503),
+    (Overloaded, 503),
 ]
+
+# Statuses a client may retry after a pause; the header says how long.
+RETRY_AFTER_S = {Overloaded: 1}
 
 
 def status_for(exc: ConvLensError) -> int:
@@ -43,7 +73,9 @@ async def _convlens_error(request: Request, exc: Exception) -> JSONResponse:
     code = status_for(exc)
     if code >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, code, exc)
-    return JSONResponse({"detail": str(exc)}, status_code=code)
+    retry = next((s for cls, s in RETRY_AFTER_S.items() if isinstance(exc, cls)), None)
+    headers = {"Retry-After": str(retry)} if retry else None
+    return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
 
 def install(app: FastAPI) -> None:

@@ -21,8 +21,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
-    default_model: str | None = Field(None, description="model id served by default (overrides registry.json)")
+    default_model: str | None = Field(
+        None, description="model id served by default when registry.json names none (POST /models/{id}/default)"
+    )
     model_cache_size: int = Field(4, ge=1, le=64, description="models kept loaded")
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="comma-separated extra folders of <id>.json + <id>.safetensors (shipped)"
+    )
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys")
     auth: Literal["writes", "all"] = "writes"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -30,11 +35,20 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(16_000_000, ge=1024, description="checked from the header, before decoding")
     max_images_per_request: int = Field(64, ge=1, le=4096)
     max_top_k: int = Field(100, ge=1)
-    batch_max_size: int = Field(32, ge=1, le=1024, description="largest micro-batch")
-    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a request waits for company")
-    torch_threads: int | None = Field(None, ge=1, le=256)
+    # Defaults measured with bench/serve_predict.py (see its docstring): the batch takes whatever queued during
+    # the previous forward pass, so waiting only adds latency at low load; 64 is the bare model's best size.
+    batch_max_size: int = Field(64, ge=1, le=1024, description="largest micro-batch (images)")
+    batch_max_wait_ms: float = Field(
+        0.0, ge=0, le=1000, description="how long a batch waits for more requests once the queue runs dry"
+    )
+    max_queue_images: int = Field(2048, ge=1, description="images waiting for inference before 503 + Retry-After")
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="torch CPU threads; default: the usable cores minus one (for the event loop)"
+    )
+    access_log: bool = Field(True, description="uvicorn's per-request log lines")
+    embedded_worker: bool = Field(True, description="`serve` also starts a local worker when no broker is set")
 
-    @field_validator("api_key", "cors_origins", mode="before")
+    @field_validator("api_key", "cors_origins", "model_dirs", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):
@@ -44,6 +58,11 @@ class Settings(BaseSettings):
     @property
     def data_root(self) -> Path:
         return self.data_dir or self.home / "data"
+
+    @property
+    def queue_dir(self) -> Path:
+        """The embedded broker's folders (used when no broker_url is set)."""
+        return self.home / "queue"
 
 
 @lru_cache

@@ -1,5 +1,90 @@
-"""Routes: models (filled in by its issue)."""
+"""Routes: the models that can serve, and the choice of the default."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
-router = APIRouter()
+from models.errors import ConvLensError
+from service.deps import RegistryDep
+from service.registry import ModelEntry, ModelRegistry
+from service.schemas import ModelDetail, ModelList, ModelSummary
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no model with that id"},
+    422: {"description": "the id is not a valid model id"},
+}
+
+
+def _default_or_none(registry: ModelRegistry) -> str | None:
+    try:
+        return registry.default_id()
+    except ConvLensError:
+        return None
+
+
+def _summary(e: ModelEntry, default: str | None, loaded: list[str]) -> dict[str, object]:
+    m = e.meta
+    return {
+        "id": e.id,
+        "arch": str(m["arch"]),
+        "dataset": m.get("dataset"),
+        "num_classes": int(m["num_classes"]),
+        "accuracy": e.accuracy,
+        "epoch": m.get("epoch"),
+        "created": datetime.fromtimestamp(e.created, UTC),
+        "source": e.source,
+        "default": e.id == default,
+        "loaded": e.id in loaded,
+    }
+
+
+def _detail(e: ModelEntry, registry: ModelRegistry) -> ModelDetail:
+    m = e.meta
+    n = int(m["num_classes"])
+    classes = [str(c) for c in m.get("classes") or []]
+    return ModelDetail.model_validate(
+        {
+            **_summary(e, _default_or_none(registry), registry.loaded_ids()),
+            "classes": classes if len(classes) == n else [str(i) for i in range(n)],
+            "input_size": int(m.get("input_size", 32)),
+            "mean": m.get("mean", []),
+            "std": m.get("std", []),
+            "metrics": m.get("metrics") or {},
+            "config": m.get("config") or {},
+            "sha256": m.get("sha256"),
+        }
+    )
+
+
+@router.get("", response_model=ModelList, summary="List the models that can serve")
+def list_models(registry: RegistryDep) -> ModelList:
+    """Every finished run's best checkpoint (id = run id) and any registered or shipped model; rescans the store."""
+    entries = registry.list_models()
+    default, loaded = _default_or_none(registry), registry.loaded_ids()
+    return ModelList(
+        default=default, models=[ModelSummary.model_validate(_summary(e, default, loaded)) for e in entries]
+    )
+
+
+@router.get("/{model_id}", response_model=ModelDetail, responses=NOT_FOUND, summary="One model's details")
+def get_model(model_id: str, registry: RegistryDep) -> ModelDetail:
+    """Architecture, dataset, classes, normalisation, metrics and training config of one model."""
+    return _detail(registry.entry(model_id), registry)
+
+
+@router.post(
+    "/{model_id}/default",
+    response_model=ModelDetail,
+    responses={**NOT_FOUND, 503: {"description": "the checkpoint cannot be loaded"}},
+    summary="Make a model the default",
+)
+async def set_default(model_id: str, registry: RegistryDep) -> ModelDetail:
+    """Load the model, then record it in registry.json; requests already running finish on the old default."""
+    entry = await run_in_threadpool(registry.set_default, model_id)
+    return _detail(entry, registry)

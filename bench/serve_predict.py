@@ -1,0 +1,321 @@
+"""POST /predict under load (wrk, real CIFAR-10 test PNGs) against the bare model and a naive endpoint, in one run.
+
+    .venv/bin/python bench/serve_predict.py [--model-home var] [--data var/data] [--duration 10]
+        [--concurrency 1 8 32 64] [--server-env CONVLENS_BATCH_MAX_WAIT_MS=2 ...] [--json-body] [--out r.json]
+
+Measures, in this order so they never overlap: (a) the bare model's batched in-process throughput (the ceiling),
+the service (`uvicorn service.app:create_app`, micro-batched), and (b) a naive FastAPI endpoint doing one forward
+per request in its handler, each server driven by the same wrk Lua script cycling over the same PNG bodies.
+Prints throughput, p50/p95/p99, errors, the service's mean micro-batch, and the ratios the issue asks for.
+The service runs with its defaults (torch threads = cores - 1, batch <= 64 images, no extra wait) and
+OMP_WAIT_POLICY=PASSIVE, as `service.server.serve` runs it; the ceiling and the naive endpoint use torch's
+default threads (all cores).
+Needs `wrk` (apt-get install -y wrk). Model: var's `seed-reproduction` when finished, else an untrained
+checkpoint of the seed arch in a temp home (the speed is the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from fastapi import FastAPI, File, UploadFile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from models.data import dataset_info, load_cifar  # noqa: E402
+from models.resnet import build_model  # noqa: E402
+from models.runs import TERMINAL, RunStore  # noqa: E402
+from service.images import ImageLimits, prepare  # noqa: E402
+from tests.helpers import Server, png_bytes, start_server  # noqa: E402
+
+BOUNDARY = "convlensbenchboundary7c1f"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+LUA = r"""
+local reqs, i = {}, 0
+function init(args)
+  local f = assert(io.open(os.getenv("BENCH_BODIES"), "rb"))
+  local data = f:read("*a")
+  f:close()
+  local headers = {["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")}
+  local pos = 1
+  while pos <= #data do
+    local nl = string.find(data, "\n", pos, true)
+    local len = tonumber(string.sub(data, pos, nl - 1))
+    reqs[#reqs + 1] = wrk.format("POST", nil, headers, string.sub(data, nl + 1, nl + len))
+    pos = nl + len + 1
+  end
+  i = math.random(#reqs)
+end
+function request()
+  i = i % #reqs + 1
+  return reqs[i]
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, "status": %d, ' ..
+    '"timeout": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, "max_us": %d}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
+end
+"""
+
+
+# ---- the model ----------------------------------------------------------------------------------------------------
+
+
+def model_home(arg: Path | None, tmp: Path) -> tuple[Path, str]:
+    """(run store, model id): the one given, var's finished seed run, or an untrained seed-arch checkpoint."""
+    if arg is not None:
+        store = RunStore(arg)
+        runs = [r for r in store.list_runs() if r.get("status") in TERMINAL]
+        ids = [r["id"] for r in runs if (store.checkpoints_dir(r["id"]) / "best.json").is_file()]
+        if not ids:
+            sys.exit(f"{arg} holds no finished run with a best checkpoint")
+        return arg, ids[0]
+    var = ROOT / "var"
+    store = RunStore(var)
+    seed = "seed-reproduction"
+    finished = store.exists(seed) and store.read_run(seed).get("status") in TERMINAL
+    if finished and (store.checkpoints_dir(seed) / "best.json").is_file():
+        return var, seed
+    home = tmp / "home"
+    store = RunStore(home)
+    store.create_run({"arch": "resnet18"}, run_id="bench-untrained", status="succeeded")
+    info = dataset_info("cifar10")
+    meta = {"arch": "resnet18", "dataset": "cifar10", "num_classes": 10, "classes": CLASSES, "mean": list(info.mean)}
+    meta |= {"std": list(info.std), "input_size": 32, "epoch": 0, "metrics": {}, "created": time.time()}
+    torch.manual_seed(0)
+    save_checkpoint(build_model("resnet18", 10).eval(), store.checkpoints_dir("bench-untrained") / "best", meta)
+    return home, "bench-untrained"
+
+
+def test_pngs(data: Path, n: int) -> list[bytes]:
+    """The first n CIFAR-10 test images as PNG files."""
+    ds = load_cifar(data, "cifar10", train=False)
+    return [png_bytes(ds.images[i].permute(1, 2, 0).numpy()) for i in range(n)]
+
+
+def ceiling(stem: Path, pngs: list[bytes], seconds: float) -> dict[int, float]:
+    """Images/s of the bare model in this process, per batch size (tensors prepared beforehand)."""
+    model, meta = load_checkpoint(stem)
+    x = torch.cat([prepare(p, meta, ImageLimits()) for p in pngs])
+    out: dict[int, float] = {}
+    with torch.inference_mode():
+        for bs in (1, 8, 32, 64):
+            model(x[:bs])
+            images, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                start = images % (len(x) - bs)
+                model(x[start : start + bs])
+                images += bs
+            out[bs] = images / (time.perf_counter() - t0)
+    return out
+
+
+# ---- load generation ----------------------------------------------------------------------------------------------
+
+
+def multipart(png: bytes) -> bytes:
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n'
+    return head.encode() + b"Content-Type: image/png\r\n\r\n" + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def write_bodies(path: Path, pngs: list[bytes], json_body: bool) -> str:
+    """One file of `<length>\\n<body>` records for the Lua script; returns the Content-Type."""
+    with path.open("wb") as f:
+        for p in pngs:
+            body = json.dumps({"images": [base64.b64encode(p).decode()]}).encode() if json_body else multipart(p)
+            f.write(f"{len(body)}\n".encode() + body)
+    return "application/json" if json_body else f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def wrk(url: str, conns: int, seconds: float, script: Path, env: dict[str, str]) -> dict[str, Any]:
+    """One wrk run: throughput, latency percentiles (ms) and error counts."""
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    out = proc.stdout
+    if proc.returncode:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or out}")
+    match = re.search(r"^BENCH (.*)$", out, re.M)
+    if not match:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    r = json.loads(match.group(1))
+    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    return {
+        "concurrency": conns,
+        "rps": r["requests"] / (r["duration_us"] / 1e6),
+        "p50_ms": r["p50_us"] / 1e3,
+        "p95_ms": r["p95_us"] / 1e3,
+        "p99_ms": r["p99_us"] / 1e3,
+        "errors": errors,
+        "requests": r["requests"],
+    }
+
+
+def batch_counters(server: Server) -> tuple[float, float]:
+    """(images, forward passes) so far, from the service's /metrics."""
+    text = httpx.get(server.url + "/metrics").text
+    get = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]  # noqa: E731
+    return get("convlens_batch_size_sum"), get("convlens_batch_size_count")
+
+
+def drive(server: Server, path: str, levels: list[int], seconds: float, script: Path, env: dict[str, str],
+          service: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """Warm up, then one wrk run per concurrency level."""
+    wrk(server.url + path, max(levels), min(3.0, seconds), script, env)
+    rows = []
+    for c in levels:
+        before = batch_counters(server) if service else (0.0, 0.0)
+        row = wrk(server.url + path, c, seconds, script, env)
+        if service:
+            after = batch_counters(server)
+            row["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+        rows.append(row)
+        print(f"  c={c:<3d} {row['rps']:7.1f} req/s  p50 {row['p50_ms']:6.1f} ms  p95 {row['p95_ms']:6.1f} ms  "
+              f"p99 {row['p99_ms']:6.1f} ms  errors {row['errors']}"
+              + (f"  mean batch {row['mean_batch']:.1f}" if service else ""), flush=True)  # fmt: skip
+    return rows
+
+
+def check_answers(server: Server, path: str, stem: Path, pngs: list[bytes]) -> int:
+    """How many of 32 images the server classifies differently from the bare model (should be 0)."""
+    model, meta = load_checkpoint(stem)
+    wrong = 0
+    for p in pngs[:32]:
+        with torch.inference_mode():
+            want = int(model(prepare(p, meta, ImageLimits())).argmax())
+        got = httpx.post(server.url + path, files={"files": ("x.png", p, "image/png")}).json()
+        wrong += int(got["predictions"][0]["top_k"][0]["index"] != want)
+    return wrong
+
+
+# ---- the naive baseline -------------------------------------------------------------------------------------------
+
+
+def naive_app() -> Any:
+    """The usual first FastAPI endpoint: decode and run one forward per request in the handler."""
+    model, meta = load_checkpoint(Path(os.environ["BENCH_MODEL_STEM"]))
+    if os.environ.get("BENCH_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/predict")
+    async def predict(files: list[UploadFile] = File(...)) -> dict[str, Any]:
+        preds = []
+        for f in files:
+            x = prepare(await f.read(), meta, ImageLimits())
+            with torch.inference_mode():
+                probs = torch.softmax(model(x), dim=1)[0]
+            v, i = probs.topk(5)
+            preds.append(
+                [
+                    {"name": CLASSES[j], "index": j, "probability": q}
+                    for q, j in zip(v.tolist(), i.tolist(), strict=True)
+                ]
+            )
+        return {"predictions": preds}
+
+    return app
+
+
+# ---- main -----------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-home", type=Path, help="a run store with a finished run (default: see above)")
+    ap.add_argument("--data", type=Path, default=ROOT / "var" / "data", help="holds cifar-10-batches-py")
+    ap.add_argument("--images", type=int, default=1000, help="distinct test images to cycle through")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--server-env", nargs="*", default=[], metavar="K=V", help="CONVLENS_* settings for the service")
+    ap.add_argument("--json-body", action="store_true", help="send base64 JSON instead of multipart")
+    ap.add_argument("--torch-threads", type=int, help="torch threads everywhere (default: torch's own, the cores)")
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is missing: apt-get install -y wrk")
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    try:
+        home, model_id = model_home(args.model_home, tmp)
+        stem = RunStore(home).checkpoints_dir(model_id) / "best"
+        pngs = test_pngs(args.data, args.images)
+        print(f"model {model_id} in {home}; {len(pngs)} CIFAR-10 test PNGs; torch threads {torch.get_num_threads()}")
+        busy = subprocess.run(["pgrep", "-f", "convlens train"], capture_output=True).stdout.strip()
+        if busy or os.getloadavg()[0] > 1.0:
+            print(f"WARNING: load average {os.getloadavg()[0]:.1f}: the numbers share the CPU with other work")
+
+        ceil = ceiling(stem, pngs, min(3.0, args.duration))
+        print("bare model, batched in-process: " + ", ".join(f"batch {b}: {v:.0f} img/s" for b, v in ceil.items()))
+        bodies, script = tmp / "bodies.bin", tmp / "cycle.lua"
+        script.write_text(LUA)
+        env = {"BENCH_BODIES": str(bodies), "BENCH_CONTENT_TYPE": write_bodies(bodies, pngs, args.json_body)}
+        server_env = dict(kv.split("=", 1) for kv in args.server_env)
+        server_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as service.server.serve sets it
+        if args.torch_threads:
+            server_env.setdefault("CONVLENS_TORCH_THREADS", str(args.torch_threads))
+        results: dict[str, Any] = {"model": model_id, "ceiling_img_s": ceil, "server_env": server_env}
+
+        print(f"service (micro-batched) {server_env or ''}")
+        with start_server(home, log_dir=tmp, env=server_env, torch_threads=None) as srv:
+            path = f"/predict?model={model_id}"
+            results["wrong_answers"] = check_answers(srv, path, stem, pngs)
+            results["service"] = drive(srv, path, args.concurrency, args.duration, script, env, service=True)
+        if not args.skip_naive and not args.json_body:
+            print("naive endpoint (one forward per request)")
+            naive_env = {"BENCH_MODEL_STEM": str(stem), "BENCH_TORCH_THREADS": str(args.torch_threads or "")}
+            with start_server(home, log_dir=tmp, env=naive_env, app="bench.serve_predict:naive_app",
+                              torch_threads=None) as naive:  # fmt: skip
+                results["naive"] = drive(naive, "/predict", args.concurrency, args.duration, script, env, False)
+        report(results)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(results: dict[str, Any]) -> None:
+    """The ratios the issue's targets are stated in."""
+    svc = {r["concurrency"]: r for r in results["service"]}
+    best_ceiling = max(results["ceiling_img_s"].values())
+    top = max(svc)
+    print(f"\nanswers differing from the bare model: {results['wrong_answers']} of 32")
+    print(f"service @ c={top}: {svc[top]['rps']:.0f} req/s = {svc[top]['rps'] / best_ceiling:.0%} of the ceiling "
+          f"({best_ceiling:.0f} img/s)")  # fmt: skip
+    if "naive" in results:
+        naive = {r["concurrency"]: r for r in results["naive"]}
+        ratio = svc[top]["rps"] / max(naive[top]["rps"], 1e-9)
+        print(f"service / naive @ c={top}: {ratio:.1f}x ({naive[top]['rps']:.0f} req/s)")
+    if 32 in svc:
+        print(f"p99 @ c=32: {svc[32]['p99_ms']:.1f} ms")
+    print(f"errors: service {sum(r['errors'] for r in results['service'])}"
+          + (f", naive {sum(r['errors'] for r in results['naive'])}" if "naive" in results else ""))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

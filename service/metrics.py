@@ -1,0 +1,96 @@
+"""Prometheus metrics (prometheus-client), one registry per app so tests can build many apps in one process."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+class Metrics:
+    """The service's metrics, registered on their own CollectorRegistry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        process_collector.ProcessCollector(registry=r)
+        platform_collector.PlatformCollector(registry=r)
+        gc_collector.GCCollector(registry=r)
+        self.requests = Counter(
+            "convlens_http_requests",
+            "HTTP requests by route template and status",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "convlens_http_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "convlens_batch_size", "images per forward pass of the micro-batcher", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "convlens_batch_inference_seconds", "time of one batched forward pass", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("convlens_batch_queue_depth", "images waiting for the inference thread", registry=r)
+        self.images = Counter("convlens_images_predicted", "images classified", ["model"], registry=r)
+        self.model_load = Gauge(
+            "convlens_model_load_seconds", "seconds the last load of each model took", ["model"], registry=r
+        )
+        self.model_loads = Counter("convlens_model_loads", "models loaded into memory", ["model"], registry=r)
+
+    def observe_load(self, model_id: str, seconds: float) -> None:
+        """Record one model load."""
+        self.model_load.labels(model_id).set(seconds)
+        self.model_loads.labels(model_id).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware task overhead): counts and times every HTTP request by route template."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route: Any = scope.get("route")
+            # The template (`/models/{model_id}`), never the raw path: unmatched paths must not grow the label set.
+            name = getattr(route, "path", None) or "<unmatched>"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, name, str(status[0])).inc()
+            self.metrics.latency.labels(method, name).observe(time.perf_counter() - start)

@@ -1,0 +1,102 @@
+"""`serve(settings)`: the API under uvicorn, plus a local Celery worker on the embedded queue when no broker is set."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Generator
+
+# Idle OpenMP threads sleep instead of spinning: the event loop shares these cores with torch. Read when torch
+# loads, so set before service.app is imported; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import uvicorn  # noqa: E402
+
+from service.app import create_app  # noqa: E402
+from service.settings import Settings, get_settings  # noqa: E402
+
+log = logging.getLogger("convlens.server")
+
+WORKER_STOP_TIMEOUT_S = 30.0
+LOG = ["--loglevel=INFO"]
+
+
+def worker_command() -> list[str]:
+    """One job at a time (`--pool=solo`): training uses every core, and the queue is a single folder."""
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo", "-Q", "train", *LOG]
+
+
+def start_worker(settings: Settings) -> subprocess.Popen[bytes] | None:
+    """Start the embedded-queue worker, or None when a broker is configured (its workers run elsewhere)."""
+    if settings.broker_url or not settings.embedded_worker:
+        return None
+    if importlib.util.find_spec("worker.celery_app") is None:
+        log.warning("worker.celery_app is not installed: serving without a local worker (POST /train will queue)")
+        return None
+    env = {**os.environ, "CONVLENS_HOME": str(settings.home)}
+    if settings.data_dir:
+        env["CONVLENS_DATA_DIR"] = str(settings.data_dir)
+    # Its own session: Ctrl-C reaches only the server, which then stops the worker once, in order.
+    proc = subprocess.Popen(worker_command(), env=env, start_new_session=True)
+    log.info("started a local worker on the embedded queue (pid %d)", proc.pid)
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
+    """SIGTERM (Celery's warm shutdown: the running job checkpoints and is re-queued), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    log.info("stopping the local worker (pid %d)", proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("worker %d did not stop within %.0fs; killing it", proc.pid, timeout)
+        proc.kill()
+        proc.wait()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, running `on_exit` after it stops but before it re-raises the signal that stopped it."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self.on_exit()
+
+
+def serve(settings: Settings) -> None:
+    """Serve the API on settings.host:settings.port until Ctrl-C or SIGTERM, with a local worker if no broker."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = start_worker(settings)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=10,
+    )
+    server = _Server(config, on_exit=lambda: stop_worker(worker) if worker else None)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled; everything has stopped by now
+    finally:
+        if worker:
+            stop_worker(worker)
+
+
+if __name__ == "__main__":
+    serve(get_settings())
