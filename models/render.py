@@ -258,3 +258,30 @@ def tensor_json(t: torch.Tensor, stats: bool = True) -> dict[str, Any]:
     if stats and v.dim() == 3:
         out["stats"] = stats_json(v)
     return out
+
+
+def topk_size(k: int, tile: int, padding: int = PAD) -> tuple[int, int]:
+    """(height, width) of topk_png: two rows of k tiles."""
+    return 2 * (tile + padding) + padding, k * (tile + padding) + padding
+
+
+def topk_png(
+    patches: Sequence[torch.Tensor], projections: Sequence[torch.Tensor], tile: int, padding: int = PAD
+) -> bytes:
+    """Zeiler-Fergus figure 2 for one channel: its top hits' projections (top row) above their image patches.
+
+    Each entry is (3, h, w) cut to the hit's receptive field: patches in [0, 1], projections raw (each shown
+    with display_projection: zero is mid-grey). Every tile is resized (nearest) to `tile` x `tile`.
+    """
+    if len(patches) != len(projections) or not patches:
+        raise InvalidArgument(
+            f"need as many projections as patches (at least one); got {len(projections)}/{len(patches)}"
+        )
+
+    def fit(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(t[None].float(), size=(tile, tile), mode="nearest")[0]
+
+    top = [fit(display_projection(p)) for p in projections]
+    bottom = [fit(p.float().clamp(0, 1)) for p in patches]
+    grid = make_grid(torch.stack(top + bottom), nrow=len(patches), padding=padding, pad_value=1.0)
+    return png_bytes(grid)

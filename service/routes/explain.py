@@ -1,0 +1,221 @@
+"""Route: POST /explain, the Grad-CAM family, gradients, integrated gradients, occlusion, deconvnet and guided
+backprop for one image, several methods sharing one forward (and backward) pass."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+import torch
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from models import explain_render, render
+from models.errors import InvalidArgument
+from models.explain import ALIASES, LAYER_METHODS, METHODS, PARAMS, Explanation, explain
+from models.resnet import ResNet18, canonical_layer
+from service.deps import BatcherDep, ModelParam, RegistryDep, SettingsDep
+from service.routes.visual import ERRORS, IMAGE_BODY, LayerQ, _model, _one_image, _shown
+
+router = APIRouter(tags=["explain"])
+
+MAX_PARAM_QUERY = 64  # `method.param=value` query entries per request
+PARAM_DOC = "; ".join(
+    f"{m}: " + (", ".join(f"{k} (default {p.default})" for k, p in specs.items()) or "none")
+    for m, specs in PARAMS.items()
+)
+
+
+def parse_methods(spec: str) -> list[str]:
+    names = [m.strip().lower() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise InvalidArgument(f"method: name one or more of {', '.join(METHODS)} (comma-separated)")
+    if names == ["all"]:
+        return list(METHODS)
+    return names
+
+
+def parse_target(spec: str | None, classes: list[str]) -> int | None:
+    """A class name or index, or None (the predicted class)."""
+    if spec is None or spec.strip() == "" or spec == "predicted":
+        return None
+    s = spec.strip()
+    if s.isdigit():
+        t = int(s)
+        if t >= len(classes):
+            raise InvalidArgument(f"target {t} is out of range; classes are 0..{len(classes) - 1}")
+        return t
+    lowered = [c.lower() for c in classes]
+    if s.lower() in lowered:
+        return lowered.index(s.lower())
+    raise InvalidArgument(f"target {s[:40]!r} is not a class of this model; classes: {', '.join(classes)}")
+
+
+def _value(text: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def method_params(request: Request, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """`occlusion.patch=8`-style query entries, and/or a `params` JSON object {method: {param: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    raw = request.query_params.get("params")
+    if raw:
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise InvalidArgument(f'params is not valid JSON ({e}); e.g. {{"occlusion": {{"patch": 8}}}}') from e
+        if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+            raise InvalidArgument('params must be a JSON object {"method": {"param": value}}')
+        for m, d in doc.items():
+            out.setdefault(str(m), {}).update(d)
+    dotted = [(k, v) for k, v in request.query_params.multi_items() if "." in k]
+    if len(dotted) > MAX_PARAM_QUERY:
+        raise InvalidArgument(f"too many method parameters ({len(dotted)}); the limit is {MAX_PARAM_QUERY}")
+    for key, value in dotted:
+        m, _, p = key.partition(".")
+        out.setdefault(ALIASES.get(m, m), {})[p] = _value(value)
+    asked = {ALIASES.get(m, m) for m in methods}
+    for m in out:
+        if ALIASES.get(m, m) not in asked:
+            known = m in METHODS or m in ALIASES
+            raise InvalidArgument(
+                f"parameters given for {m!r}, which is "
+                + ("not among the methods asked" if known else f"not a method; methods: {', '.join(METHODS)}")
+            )
+    return out
+
+
+def _explanation_json(e: Explanation, classes: list[str]) -> dict[str, Any]:
+    heat = e.heatmap[0].detach().to("cpu", torch.float32)
+    out: dict[str, Any] = {
+        "target": e.targets[0],
+        "target_class": classes[e.targets[0]] if e.targets[0] < len(classes) else None,
+        "layer": e.layer,
+        "params": e.params,
+        "heatmap": {"shape": list(heat.shape), "values": heat.tolist()},
+    }
+    if e.attribution is not None:
+        out["attribution_shape"] = list(e.attribution.shape[1:])
+    extras = {}
+    for k, v in e.extras.items():
+        t = v[0] if v.dim() > 0 and v.shape[0] == e.heatmap.shape[0] else v
+        extras[k] = t.detach().to("cpu", torch.float32).tolist()
+    if extras:
+        out["extras"] = extras
+    return out
+
+
+@router.post(
+    "/explain",
+    summary="Explain a prediction: Grad-CAM, Grad-CAM++, guided Grad-CAM, saliency, SmoothGrad, IG, occlusion, ...",
+    openapi_extra=IMAGE_BODY,
+    responses={
+        200: {
+            "content": {
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {},
+            }
+        },
+        **ERRORS,
+    },
+    response_class=Response,
+)
+async def post_explain(
+    request: Request,
+    registry: RegistryDep,
+    batcher: BatcherDep,
+    settings: SettingsDep,
+    model: ModelParam,
+    method: Annotated[
+        str,
+        Query(
+            max_length=512,
+            description=f"comma-separated, or `all`: {', '.join(METHODS)} (aliases: "
+            + ", ".join(f"{a}={m}" for a, m in ALIASES.items())
+            + f"). Layer-dependent: {', '.join(LAYER_METHODS)}",
+            examples=["gradcam", "gradcam,saliency,occlusion", "all"],
+        ),
+    ] = "gradcam",
+    target: Annotated[
+        str | None,
+        Query(max_length=64, description="class name or index to explain; default: the predicted class"),
+    ] = None,
+    layer: LayerQ = "layer4",
+    params: Annotated[
+        str | None,
+        Query(
+            max_length=4096,
+            description="method parameters as JSON {method: {param: value}}; or query entries `method.param=value`."
+            f" Parameters: {PARAM_DOC}",
+        ),
+    ] = None,
+    view: Annotated[
+        Literal["figure", "overlay", "heatmap"],
+        Query(description="png: figure (input + each method, overlay above heatmap), or one method's overlay/heatmap"),
+    ] = "figure",
+    cmap: Annotated[Literal["jet", "inferno", "viridis", "magma", "turbo", "hot", "gray"], Query()] = "jet",
+    alpha: Annotated[float, Query(ge=0, le=1, description="overlay opacity of the heatmap")] = 0.5,
+    size: Annotated[int | None, Query(ge=32, le=512, description="png: displayed size of each tile (pixels)")] = None,
+    format: Annotated[Literal["png", "json", "npy"], Query()] = "png",
+) -> Response:
+    """Heatmaps (on the input grid) of why the model gives `target` for the image; npy: (methods, H, W) float32."""
+    methods = parse_methods(method)
+    canon = canonical_layer(layer)
+    extra = method_params(request, methods)
+    if format == "png" and view != "figure" and len(methods) != 1:
+        raise InvalidArgument(f"view={view} draws one method; {len(methods)} were asked (use view=figure)")
+    loaded = await _model(registry, model)
+    classes = loaded.classes
+    tgt = parse_target(target, classes)
+    x, u8 = await _one_image(request, settings, loaded)
+    net: ResNet18 = loaded.model  # type: ignore[assignment]
+    mean, std = loaded.meta["mean"], loaded.meta["std"]
+    found = await batcher.call(lambda: explain(net, x, methods, tgt, canon, extra, mean, std))
+    probs = (await batcher.predict(loaded, x))[0]
+    top = int(probs.argmax())
+    names = list(found)
+    headers = {
+        "X-ConvLens-Model": loaded.id,
+        "X-ConvLens-Methods": ",".join(names),
+        "X-ConvLens-Predicted": classes[top],
+        "X-ConvLens-Target": classes[found[names[0]].targets[0]],
+    }
+
+    def answer() -> Response:
+        first = found[names[0]]
+        if format == "npy":
+            heat = torch.stack([found[m].heatmap[0].detach().float().cpu() for m in names])
+            headers["Content-Disposition"] = 'attachment; filename="explain.npy"'
+            return Response(render.npy_bytes(heat), media_type="application/octet-stream", headers=headers)
+        if format == "json":
+            body = {
+                "model": loaded.id,
+                "target": first.targets[0],
+                "target_class": classes[first.targets[0]],
+                "predicted": {"index": top, "name": classes[top], "probability": float(probs[top])},
+                "target_probability": float(probs[first.targets[0]]),
+                "methods": {m: _explanation_json(found[m], classes) for m in names},
+            }
+            return JSONResponse(body, headers=headers)
+        heat0 = found[names[0]].heatmap[0].detach().float().cpu()
+        img = _shown(u8, (heat0.shape[-2], heat0.shape[-1]))
+        if view == "overlay":
+            png = explain_render.overlay_png(img, heat0, cmap, alpha, size)
+        elif view == "heatmap":
+            png = explain_render.heatmap_png(heat0, cmap, size)
+        else:
+            cpu = {
+                m: Explanation(e.method, e.heatmap.detach().float().cpu(), e.targets, layer=e.layer)
+                for m, e in found.items()
+            }
+            png = explain_render.figure_png(img, cpu, 0, classes, cmap, alpha, size)
+        return Response(png, media_type="image/png", headers=headers)
+
+    return await run_in_threadpool(answer)
