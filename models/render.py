@@ -285,3 +285,43 @@ def topk_png(
     bottom = [fit(p.float().clamp(0, 1)) for p in patches]
     grid = make_grid(torch.stack(top + bottom), nrow=len(patches), padding=padding, pad_value=1.0)
     return png_bytes(grid)
+
+
+def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> bytes:
+    """A confusion matrix (rows: true class, columns: predicted) as a labelled heatmap with counts, row-normalised."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    m = np.asarray(confusion, dtype=np.float64)
+    n = len(classes)
+    if m.shape != (n, n):
+        raise InvalidArgument(f"confusion matrix {m.shape} does not match {n} classes")
+    rates = m / np.maximum(m.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.55 * n + 2)
+    fig = Figure(figsize=(size, size * 0.9), dpi=100)
+    ax = fig.add_subplot()
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), [str(c) for c in classes], rotation=45, ha="right")
+    ax.set_yticks(range(n), [str(c) for c in classes])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(
+                    j,
+                    i,
+                    f"{int(m[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

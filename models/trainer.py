@@ -24,18 +24,12 @@ from models.data import (
     make_dataloader,
     train_val_split,
 )
+from models.device import resolve_device
 from models.resnet import build_model
 from models.runs import MetricsLog
 
 Progress = Callable[[dict[str, Any]], None]
 CancelCheck = Callable[[], bool]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` picks CUDA when present, the CPU otherwise."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from models.errors import ConvLensError
 from models.runs import RunStore
+from models.shipped import SHIPPED_DIR, SHIPPED_ID
 from service import errors
 from service.batching import Batcher
 from service.metrics import Metrics, MetricsMiddleware
@@ -32,12 +33,14 @@ def default_torch_threads() -> int:
 
 def build_registry(settings: Settings, store: RunStore, metrics: Metrics | None = None) -> ModelRegistry:
     """The registry over the run store, registry.json and any shipped model folders."""
+    dirs = [*settings.model_dirs, *([SHIPPED_DIR] if settings.shipped_models else [])]
+    default = settings.default_model or (SHIPPED_ID if settings.shipped_models else None)
     return ModelRegistry(
         store,
-        extra_sources=[("shipped", checkpoint_dir_source(d)) for d in settings.model_dirs],
+        extra_sources=[("shipped", checkpoint_dir_source(d)) for d in dirs],
         cache_size=settings.model_cache_size,
         device=settings.device,
-        default_model=settings.default_model,
+        default_model=default,
         on_load=metrics.observe_load if metrics else None,
     )
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from models.checkpoints import atomic_write_json, load_checkpoint, meta_path, read_meta, weights_path
+from models.device import resolve_device
 from models.errors import CheckpointError, InvalidArgument
 from models.runs import RUN_ID_RE, TERMINAL, RunStore, validate_run_id
-from models.trainer import resolve_device
 from service.errors import ModelNotFound, NoModel
 
 log = logging.getLogger("convlens.registry")

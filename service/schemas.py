@@ -87,6 +87,12 @@ class ModelDetail(ModelSummary):
     metrics: dict[str, Any] = Field(default_factory=dict, description="the checkpoint's recorded metrics")
     config: dict[str, Any] = Field(default_factory=dict, description="the training config that made it")
     sha256: str | None = Field(None, description="sha256 of the weights file")
+    card: dict[str, Any] | None = Field(
+        None,
+        description="model card (shipped models): data, recipe, wall time, hardware, test accuracy with and "
+        "without flip TTA, per-class accuracy, known limits",
+    )
+    confusion: list[list[int]] | None = Field(None, description="test confusion matrix (rows: true class)")
 
 
 class ModelList(BaseModel):

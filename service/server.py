@@ -28,7 +28,8 @@ LOG = ["--loglevel=INFO"]
 
 def worker_command() -> list[str]:
     """One job at a time (`--pool=solo`): training uses every core, and the queue is a single folder."""
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo", "-Q", "train", *LOG]
+    queue = os.environ.get("CONVLENS_QUEUE", "train")  # the same variable the worker's settings and the API read
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo", "-Q", queue, *LOG]
 
 
 def start_worker(settings: Settings) -> subprocess.Popen[bytes] | None:

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         None, description="model id served by default when registry.json names none (POST /models/{id}/default)"
     )
+    shipped_models: bool = Field(
+        True, description="serve the model shipped in the package (models/weights), the default when none is chosen"
+    )
     model_cache_size: int = Field(4, ge=1, le=64, description="models kept loaded")
     model_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="comma-separated extra folders of <id>.json + <id>.safetensors (shipped)"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from models.synthetic import write_synthetic_cifar
+
+# The model shipped in the package would be every test server's default: tests use their own checkpoints, and
+# the tests of the shipped model turn it back on. Subprocesses (servers, workers) inherit this.
+os.environ["CONVLENS_SHIPPED_MODELS"] = "false"
 
 # Two cores: keep torch from oversubscribing them while servers and workers run beside the tests.
 torch.set_num_threads(2)

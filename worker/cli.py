@@ -103,6 +103,40 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    """A run's best checkpoint -> a shipped model (half precision) with its model card measured on the test set."""
+    from models.runs import RunStore
+    from models.shipped import SHIPPED_DIR, SHIPPED_ID, export_model
+
+    store = RunStore(_home(ns))
+    run = store.read_run(ns.run_id)
+    data_root = Path(ns.data or os.environ.get("CONVLENS_DATA_DIR", str(_home(ns) / "data")))
+    out = Path(ns.out) if ns.out else SHIPPED_DIR
+    meta = export_model(store.checkpoints_dir(ns.run_id) / "best", out, ns.name or SHIPPED_ID, data_root, run)
+    card = meta["card"]
+    print(json.dumps({k: card[k] for k in ("test_acc", "test_acc_tta_flip", "best_epoch", "wall_time_s")}, indent=2))
+    print(f"wrote {out / (ns.name or SHIPPED_ID)}.safetensors (sha256 {meta['sha256']})")
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    """The API (uvicorn) with, when no broker is configured, a local worker on the embedded queue."""
+    for flag, env in (
+        (ns.home, "CONVLENS_HOME"),
+        (ns.data, "CONVLENS_DATA_DIR"),
+        (ns.host, "CONVLENS_HOST"),
+        (ns.port, "CONVLENS_PORT"),
+    ):
+        if flag:
+            os.environ[env] = str(flag)
+    from service.server import serve  # sets OMP_WAIT_POLICY before torch loads
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    serve(get_settings())
+    return 0
+
+
 def _api_url(ns: argparse.Namespace) -> str:
     return str(ns.url or os.environ.get("CONVLENS_URL", "http://127.0.0.1:8000")).rstrip("/")
 
@@ -220,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("celery_args", nargs=argparse.REMAINDER, help="more `celery worker` options, after --")
     w.set_defaults(func=cmd_worker)
 
+    sv = sub.add_parser("serve", help="run the API (and a local worker when no broker is set): `make serve`")
+    sv.add_argument("--home", help="run store (default: $CONVLENS_HOME or ./var)")
+    sv.add_argument("--data", help="dataset root (default: $CONVLENS_DATA_DIR or <home>/data)")
+    sv.add_argument("--host", help="bind address (default: $CONVLENS_HOST or 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default: $CONVLENS_PORT or 8000)")
+    sv.set_defaults(func=cmd_serve)
+
+    ex = sub.add_parser("export", help="ship a run's best checkpoint (half precision + model card)")
+    ex.add_argument("run_id", help="the run whose best checkpoint ships")
+    ex.add_argument("--name", help="model id (default: convlens-resnet18-cifar10)")
+    ex.add_argument("--out", help="folder (default: the package's models/weights)")
+    ex.add_argument("--home", help="run store (default: $CONVLENS_HOME or ./var)")
+    ex.add_argument("--data", help="dataset root (default: $CONVLENS_DATA_DIR or <home>/data)")
+    ex.set_defaults(func=cmd_export)
+
     s = sub.add_parser("submit", help="queue a training job on a running API (POST /train)")
     s.add_argument("--url", help="the API (default: $CONVLENS_URL or http://127.0.0.1:8000)")
     s.add_argument("--preset", choices=sorted(PRESETS), default="seed", help="start from a named recipe")
@@ -236,8 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.errors import ConvLensError
+
     ns = build_parser().parse_args(argv)
-    return int(ns.func(ns))
+    try:
+        return int(ns.func(ns))
+    except ConvLensError as e:  # a bad id, a missing run or dataset: one line, not a traceback
+        print(f"convlens {ns.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

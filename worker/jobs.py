@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from models.config import TrainConfig
 from models.errors import ConvLensError
 from models.runs import RunStore
@@ -52,7 +54,13 @@ def execute_run(
     run = store.read_run(run_id)
     if run["status"] in ("succeeded", "cancelled"):
         return run  # delivered again after it finished: nothing to do (idempotent by id)
-    cfg = TrainConfig.model_validate(run["config"])
+    try:
+        cfg = TrainConfig.model_validate(run["config"])
+    except ValidationError as e:  # a run.json edited by hand, or written by another version: fail, naming the field
+        where = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
+        return store.update_run(
+            run_id, status="failed", error=f"invalid training config: {where}", finished=time.time()
+        )
     if store.cancel_requested(run_id):
         return store.update_run(run_id, status="cancelled", finished=time.time())
     store.update_run(

@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from models import render
 from models.errors import ConvLensError
 from service.deps import RegistryDep
 from service.registry import ModelEntry, ModelRegistry
@@ -58,6 +60,8 @@ def _detail(e: ModelEntry, registry: ModelRegistry) -> ModelDetail:
             "metrics": m.get("metrics") or {},
             "config": m.get("config") or {},
             "sha256": m.get("sha256"),
+            "card": m.get("card"),
+            "confusion": m.get("confusion"),
         }
     )
 
@@ -88,3 +92,24 @@ async def set_default(model_id: str, registry: RegistryDep) -> ModelDetail:
     """Load the model, then record it in registry.json; requests already running finish on the old default."""
     entry = await run_in_threadpool(registry.set_default, model_id)
     return _detail(entry, registry)
+
+
+@router.get(
+    "/{model_id}/confusion.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **NOT_FOUND, 409: {"description": "no test confusion recorded"}},
+    summary="The model's test-set confusion matrix as a picture",
+)
+def confusion_png(model_id: str, registry: RegistryDep) -> Response:
+    """Rows: true class, columns: predicted; colour: the row's rate, numbers: counts (measured once, on test)."""
+    e = registry.entry(model_id)
+    conf = e.meta.get("confusion")
+    if not conf:
+        return JSONResponse(
+            {"detail": f"model {e.id} has no recorded test confusion matrix (its run did not finish a test pass)"},
+            status_code=409,
+        )
+    classes = [str(c) for c in e.meta.get("classes") or range(len(conf))]
+    acc = e.accuracy
+    title = f"{e.id}" + (f" - test accuracy {acc:.2%}" if acc is not None else "")
+    return Response(render.confusion_png(conf, classes, title), media_type="image/png")
