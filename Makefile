@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest serve worker bench data clean
+.PHONY: install test lint typecheck pytest serve worker bench data docker-base-images docker-e2e clean
 
 # Create .venv and install the project with its dev tools (pip takes torch's wheels from this disk).
 $(STAMP): pyproject.toml
@@ -37,6 +37,13 @@ worker: $(STAMP)
 # Real CIFAR-10 into var/data (for training and benchmarks; the tests make their own synthetic data).
 data: $(STAMP)
 	PYTHON=$(BIN)/python ../shared/data/fetch-cifar10.sh var/data
+
+# Containers (needs a running Docker engine): stand-in base images when no registry answers, then the e2e proof.
+docker-base-images:
+	scripts/local-base-images.sh
+
+docker-e2e:
+	scripts/docker-e2e.sh
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
