@@ -16,14 +16,7 @@ from models.errors import UnknownLayer
 from models.hooks import LayerRecorder, count_hooks, record_activations
 from models.resnet import ARCHS, LAYER_NAMES, ResNet18, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Small ops: threads only add overhead on two shared cores; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

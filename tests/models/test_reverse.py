@@ -294,10 +294,4 @@ def test_bad_arguments_are_clear(arch_model: Any) -> None:
             rev(torch.zeros(1, 128, 2, 2, dtype=torch.float64), rec, "conv3_x")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Small float64 ops: threads only add overhead on two shared cores; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small float64 ops

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -31,15 +30,6 @@ from models.visual import (
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Small ops: threads only add overhead on two shared cores; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_model(arch: str = "resnet18", dtype: torch.dtype = torch.float32) -> ResNet18:
     """An eval model with BN far from identity."""
     torch.manual_seed(0)
@@ -52,6 +42,9 @@ def random_model(arch: str = "resnet18", dtype: torch.dtype = torch.float32) -> 
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.normal_(0, 0.1)
     return model
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
