@@ -1,0 +1,693 @@
+// ConvLens's web page: predict, look inside, explain, train and choose models, all over the public HTTP API.
+
+import { ApiError, bindKey, getJSON, imageForm, imageURL, request } from "./api.js";
+import { LineChart } from "./chart.js";
+import { followEvents } from "./sse.js";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const WATCH_STORE = "convlens.watchJob";
+const ACTIVE = new Set(["queued", "running"]);
+
+const state = {
+  image: null, // the Blob every image endpoint gets
+  imageName: "",
+  classes: [], // the chosen model's classes
+  layerChannels: [], // channels of the current projection grid, in grid order
+  watch: null, // {id, abort: AbortController}
+  jobsTimer: null,
+};
+
+// ---- small helpers --------------------------------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) e.append(c);
+  return e;
+}
+
+function model() {
+  return $("#model-select").value || undefined;
+}
+
+function pct(v) {
+  return v === null || v === undefined ? "" : `${(v * 100).toFixed(1)}%`;
+}
+
+function errorText(e) {
+  return e instanceof ApiError ? e.message : `unexpected error: ${e.message || e}`;
+}
+
+/** Run `fn` with `panel` marked busy (spinner, aria-busy) and its error line cleared, or filled on failure. */
+async function busy(panel, fn, errEl = null) {
+  const err = errEl || $(":scope > .error", panel);
+  panel.setAttribute("aria-busy", "true");
+  if (err) err.textContent = "";
+  try {
+    return await fn();
+  } catch (e) {
+    if (e.name === "AbortError") return undefined;
+    if (err) err.textContent = errorText(e);
+    else showGlobal(errorText(e));
+    return undefined;
+  } finally {
+    panel.setAttribute("aria-busy", "false");
+  }
+}
+
+function showGlobal(message) {
+  const g = $("#global-msg");
+  g.textContent = message;
+  g.hidden = !message;
+}
+
+/** Swap an <img>'s object URL, freeing the old one. */
+function setImage(img, url) {
+  if (img.dataset.objectUrl) URL.revokeObjectURL(img.dataset.objectUrl);
+  img.dataset.objectUrl = url;
+  img.src = url;
+  img.hidden = false;
+}
+
+/** Only the newest of overlapping requests for one panel may paint it. */
+const generations = new Map();
+function nextGen(name) {
+  const g = (generations.get(name) || 0) + 1;
+  generations.set(name, g);
+  return () => generations.get(name) === g;
+}
+
+// ---- models ---------------------------------------------------------------------------------------------------
+
+async function loadModels() {
+  const list = await busy($("#models"), () => getJSON("/models"), $("#models-err"));
+  if (!list) return;
+  const select = $("#model-select");
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "", text: `the default model${list.default ? ` (${list.default})` : ""}` }));
+  for (const m of list.models) select.append(el("option", { value: m.id, text: m.id }));
+  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
+
+  const body = $("#models-table tbody");
+  body.replaceChildren();
+  if (!list.models.length) {
+    body.append(el("tr", {}, el("td", { colspan: 8, text: "No model yet: train one below." })));
+  }
+  for (const m of list.models) {
+    const action = m.default
+      ? el("strong", { text: "default" })
+      : el("button", { type: "button", class: "small", text: "Make default", onclick: () => makeDefault(m.id) });
+    body.append(
+      el(
+        "tr",
+        { "data-model": m.id },
+        el("th", { scope: "row" }, m.id),
+        el("td", { text: m.arch }),
+        el("td", { text: m.dataset || "" }),
+        el("td", { text: pct(m.accuracy) }),
+        el("td", { text: m.epoch ?? "" }),
+        el("td", { text: m.source }),
+        el("td", { text: new Date(m.created).toLocaleString() }),
+        el("td", {}, action),
+      ),
+    );
+  }
+  $("#models-msg").textContent = list.default ? `Requests without a model use ${list.default}.` : "";
+}
+
+async function makeDefault(id) {
+  const done = await busy(
+    $("#models"),
+    () => request(`/models/${encodeURIComponent(id)}/default`, { method: "POST" }),
+    $("#models-err"),
+  );
+  if (!done) return;
+  await loadModels();
+  $("#models-msg").textContent = `${id} is now the default model.`;
+  if (!model()) modelChanged();
+}
+
+async function loadClasses() {
+  const select = $("#explain-form select[name=target]");
+  let id = model();
+  try {
+    if (!id) id = (await getJSON("/models")).default;
+    if (!id) return;
+    const detail = await getJSON(`/models/${encodeURIComponent(id)}`);
+    state.classes = detail.classes;
+  } catch {
+    return; // the panels that need a model say why
+  }
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "", text: "the predicted class" }));
+  state.classes.forEach((c) => select.append(el("option", { value: c, text: c })));
+  if (state.classes.includes(chosen)) select.value = chosen;
+}
+
+function modelChanged() {
+  loadFilters();
+  loadClasses();
+  if (state.image) analyse();
+}
+
+// ---- predict --------------------------------------------------------------------------------------------------
+
+async function loadGallery() {
+  const box = $("#gallery");
+  const msg = $("#gallery-msg");
+  box.setAttribute("aria-busy", "true");
+  try {
+    const g = await getJSON("/gallery", { query: { count: 30 } });
+    box.replaceChildren();
+    for (const item of g.images) {
+      const img = el("img", { alt: "", class: "pixelated", width: 48, height: 48 });
+      const btn = el(
+        "button",
+        {
+          type: "button",
+          class: "thumb",
+          "data-index": item.index,
+          title: `test image ${item.index}: ${item.class}`,
+          "aria-label": `test image ${item.index}, a ${item.class}`,
+          onclick: () => chooseGallery(item, btn),
+        },
+        img,
+        el("span", { text: item.class }),
+      );
+      box.append(btn);
+      imageURL(item.url)
+        .then(({ url }) => {
+          img.src = url;
+        })
+        .catch(() => {});
+    }
+    msg.textContent = `${g.images.length} of the ${g.total} ${g.dataset} ${g.split} images.`;
+  } catch (e) {
+    msg.textContent = `No gallery: ${errorText(e)}`;
+  } finally {
+    box.setAttribute("aria-busy", "false");
+  }
+}
+
+async function chooseGallery(item, btn) {
+  for (const b of document.querySelectorAll("#gallery .thumb[aria-pressed]")) b.removeAttribute("aria-pressed");
+  btn.setAttribute("aria-pressed", "true");
+  try {
+    const res = await request(item.url);
+    const blob = await res.blob();
+    setCurrent(blob, `test image ${item.index} (true class: ${item.class})`);
+  } catch (e) {
+    $("#predict-err").textContent = errorText(e);
+  }
+}
+
+function setCurrent(blob, caption) {
+  state.image = blob;
+  state.imageName = caption;
+  const img = $("#current-img");
+  setImage(img, URL.createObjectURL(blob));
+  img.alt = caption;
+  $("#current-cap").textContent = caption;
+  analyse();
+}
+
+function analyse() {
+  predict();
+  lookInside();
+  explain();
+}
+
+async function predict() {
+  if (!state.image) return;
+  const fresh = nextGen("predict");
+  const bars = $("#predict-bars");
+  await busy(
+    $("#predict-panel"),
+    async () => {
+      const out = await getJSON("/predict", {
+        method: "POST",
+        query: { top_k: 5, model: model() },
+        form: imageForm(state.image, "files"),
+      });
+      if (!fresh()) return;
+      const p = out.predictions[0];
+      $("#predict-model").textContent = `Answered by model ${out.model}.`;
+      bars.replaceChildren(
+        ...p.top_k.map((c) =>
+          el(
+            "li",
+            { "data-class": c.name },
+            el("span", { class: "name", text: c.name }),
+            el(
+              "span",
+              { class: "bar", role: "presentation" },
+              el("span", { style: `width: ${(c.probability * 100).toFixed(1)}%` }),
+            ),
+            el("span", { class: "prob", text: pct(c.probability) }),
+          ),
+        ),
+      );
+    },
+    $("#predict-err"),
+  ).then(() => {
+    if (fresh() && $("#predict-err").textContent) {
+      bars.replaceChildren();
+      $("#predict-model").textContent = "";
+    }
+  });
+}
+
+function bindDrop() {
+  const drop = $("#drop");
+  const input = $("#file-input");
+  input.addEventListener("change", () => {
+    if (input.files && input.files[0]) setCurrent(input.files[0], `your file ${input.files[0].name}`);
+  });
+  for (const ev of ["dragenter", "dragover"]) {
+    drop.addEventListener(ev, (e) => {
+      e.preventDefault();
+      drop.classList.add("over");
+    });
+  }
+  for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    const file = e.dataTransfer && e.dataTransfer.files[0];
+    if (file) setCurrent(file, `your file ${file.name}`);
+  });
+}
+
+// ---- look inside ----------------------------------------------------------------------------------------------
+
+async function loadFilters() {
+  for (const method of ["channels", "rgb"]) {
+    const panel = $(`#filters-${method}-panel`);
+    busy(panel, async () => {
+      const { url } = await imageURL("/filters", { query: { layer: "conv1", method, model: model() } });
+      setImage($(`#filters-${method}`), url);
+    });
+  }
+}
+
+function insideOptions() {
+  const f = new FormData($("#inside-form"));
+  return Object.fromEntries(f.entries());
+}
+
+async function lookInside() {
+  if (!state.image) return;
+  const opts = insideOptions();
+  const fresh = nextGen("inside");
+  $("#channel-detail").hidden = true;
+  busy($("#featuremaps-panel"), async () => {
+    const { url } = await imageURL("/featuremaps", {
+      method: "POST",
+      query: { layer: opts.layer, channels: opts.channels, model: model() },
+      form: imageForm(state.image),
+    });
+    if (fresh()) setImage($("#featuremaps"), url);
+  });
+  const chips = $("#channel-buttons");
+  await busy($("#projections-panel"), async () => {
+    const { url, res } = await imageURL("/reconstruct", {
+      method: "POST",
+      query: { ...opts, model: model() },
+      form: imageForm(state.image),
+    });
+    if (!fresh()) return;
+    setImage($("#projections"), url);
+    const channels = (res.headers.get("X-ConvLens-Channels") || "").split(",").filter(Boolean).map(Number);
+    state.layerChannels = opts.mode === "each" ? channels : [];
+    state.inside = opts;
+    chips.replaceChildren(
+      ...state.layerChannels.map((c) =>
+        el("button", { type: "button", class: "chip", "data-channel": c, text: `ch ${c}`, onclick: () => showChannel(c) }),
+      ),
+    );
+  });
+}
+
+/** A click on the projection grid: which tile (the grid is ceil(sqrt(n)) wide, the input first). */
+function gridClick(e) {
+  const n = state.layerChannels.length + 1;
+  if (n < 2) return;
+  const img = e.currentTarget;
+  const rect = img.getBoundingClientRect();
+  const cols = n <= 4 ? n : Math.ceil(Math.sqrt(n));
+  const rows = Math.ceil(n / cols);
+  const col = Math.floor(((e.clientX - rect.left) / rect.width) * cols);
+  const row = Math.floor(((e.clientY - rect.top) / rect.height) * rows);
+  const tile = row * cols + col;
+  if (tile >= 1 && tile < n) showChannel(state.layerChannels[tile - 1]);
+}
+
+async function showChannel(channel) {
+  const opts = state.inside || insideOptions();
+  const panel = $("#channel-detail");
+  const fresh = nextGen("channel");
+  panel.hidden = false;
+  for (const b of document.querySelectorAll("#channel-buttons .chip")) {
+    b.setAttribute("aria-pressed", String(Number(b.dataset.channel) === channel));
+  }
+  const heading = $("#channel-h");
+  heading.textContent = `Channel ${channel} of ${opts.layer}`;
+  heading.focus({ preventScroll: true });
+  panel.scrollIntoView({ block: "nearest", behavior: "smooth" });
+  const list = $("#topk");
+  list.replaceChildren();
+  busy(panel, async () => {
+    const { url } = await imageURL("/reconstruct", {
+      method: "POST",
+      query: { ...opts, channels: String(channel), mode: "each", scale: 6, model: model() },
+      form: imageForm(state.image),
+    });
+    if (fresh()) setImage($("#channel-projection"), url);
+  });
+  await loadTopk(opts, channel, fresh);
+}
+
+async function loadTopk(opts, channel, fresh) {
+  const msg = $("#topk-msg");
+  const bar = $("#topk-progress");
+  const err = $("#channel-detail > .error");
+  const query = { layer: opts.layer, channel, k: 9, images: true, rule: opts.rule, shortcut: opts.shortcut, model: model() };
+  msg.textContent = "Finding the dataset images that most activate this channel...";
+  for (;;) {
+    let res;
+    try {
+      res = await request("/topk", { query });
+    } catch (e) {
+      if (fresh()) {
+        msg.textContent = "";
+        bar.hidden = true;
+        err.textContent = errorText(e);
+      }
+      return;
+    }
+    if (!fresh()) return;
+    const body = await res.json();
+    if (res.status === 202) {
+      bar.hidden = false;
+      bar.value = body.progress || 0;
+      const eta = body.eta_s ? `, about ${Math.ceil(body.eta_s)} s left` : "";
+      msg.textContent = `Building the top-k index over the validation images: ${Math.round((body.progress || 0) * 100)}%${eta}.`;
+      const wait = Math.min(Math.max(Number(res.headers.get("Retry-After")) || 1, 0.5), 2);
+      await new Promise((r) => setTimeout(r, wait * 1000));
+      continue;
+    }
+    bar.hidden = true;
+    msg.textContent = `The ${body.k} ${body.split || ""} images (of ${body.num_images}) that most activate channel ${channel}: the patch it sees, and its projection.`;
+    $("#topk").replaceChildren(
+      ...body.hits.map((h) =>
+        el(
+          "li",
+          { class: "hit" },
+          el("img", { src: h.patch_png, class: "pixelated", alt: `image ${h.image} patch` }),
+          el("img", { src: h.projection_png, class: "pixelated", alt: `image ${h.image} projection` }),
+          el("span", { text: `#${h.rank + 1} ${h.class ?? ""} (${h.value.toFixed(2)})` }),
+        ),
+      ),
+    );
+    return;
+  }
+}
+
+// ---- explain --------------------------------------------------------------------------------------------------
+
+async function explain() {
+  if (!state.image) return;
+  const f = Object.fromEntries(new FormData($("#explain-form")).entries());
+  const fresh = nextGen("explain");
+  const all = f.method === "all";
+  await busy($("#explain-panel"), async () => {
+    const { url, res } = await imageURL("/explain", {
+      method: "POST",
+      query: {
+        method: f.method,
+        target: f.target,
+        layer: f.layer,
+        view: all ? "figure" : "overlay",
+        size: all ? undefined : 256,
+        model: model(),
+      },
+      form: imageForm(state.image),
+    });
+    if (!fresh()) return;
+    const img = $("#explain-img");
+    setImage(img, url);
+    img.classList.toggle("wide", all);
+    const target = res.headers.get("X-ConvLens-Target");
+    const predicted = res.headers.get("X-ConvLens-Predicted");
+    const methods = res.headers.get("X-ConvLens-Methods") || f.method;
+    img.alt = `${methods} explanation of class ${target}`;
+    $("#explain-cap").textContent = `${methods.replaceAll(",", ", ")}: why the model would say ${target} (it predicts ${predicted}).`;
+  });
+}
+
+// ---- train ----------------------------------------------------------------------------------------------------
+
+const lossChart = new LineChart($("#loss-chart"), {
+  xLabel: "step",
+  integerX: true,
+  series: [{ key: "loss", name: "train loss", color: "#c0392b" }],
+});
+const accChart = new LineChart($("#acc-chart"), {
+  xLabel: "epoch",
+  integerX: true,
+  yMin: 0,
+  yMax: 1,
+  series: [
+    { key: "train", name: "train acc", color: "#2c7fb8" },
+    { key: "eval", name: "val/test acc", color: "#e67e22" },
+  ],
+});
+$("#loss-chart").dataset.title = "Training loss per step:";
+$("#acc-chart").dataset.title = "Accuracy per epoch:";
+
+function addRecord(rec) {
+  if (rec.kind === "step") lossChart.add("loss", rec.step, rec.loss);
+  else if (rec.kind === "epoch") {
+    accChart.add("train", rec.epoch, rec.train_acc);
+    accChart.add("eval", rec.epoch, rec.val_acc ?? rec.test_acc);
+  }
+}
+
+function trainConfig(form) {
+  const f = new FormData(form);
+  const num = (k) => Number(f.get(k));
+  const cfg = {
+    arch: f.get("arch"),
+    dataset: f.get("dataset"),
+    epochs: num("epochs"),
+    batch_size: num("batch_size"),
+    optimizer: f.get("optimizer"),
+    lr: num("lr"),
+    momentum: num("momentum"),
+    nesterov: f.get("nesterov") !== null,
+    weight_decay: num("weight_decay"),
+    schedule: f.get("schedule"),
+    milestones: String(f.get("milestones") || "")
+      .split(/[\s,]+/)
+      .filter(Boolean)
+      .map(Number),
+    gamma: num("gamma"),
+    label_smoothing: num("label_smoothing"),
+    crop: f.get("crop") !== null,
+    flip: f.get("flip") !== null,
+    seed: num("seed"),
+    val_size: num("val_size"),
+    log_every: num("log_every"),
+  };
+  const limit = String(f.get("train_limit") || "").trim();
+  if (limit) cfg.train_limit = Number(limit);
+  return { cfg, runId: String(f.get("run_id") || "").trim() };
+}
+
+async function submitTraining(e) {
+  e.preventDefault();
+  const form = e.currentTarget;
+  const button = $("#train-submit");
+  const msg = $("#train-msg");
+  const { cfg, runId } = trainConfig(form);
+  button.disabled = true;
+  msg.textContent = "Submitting...";
+  const job = await busy(form, () => getJSON("/train", { method: "POST", json: cfg, query: { run_id: runId } }), $("#train-err"));
+  button.disabled = false;
+  msg.textContent = job ? `Job ${job.id} is ${job.status}.` : "";
+  if (job) {
+    watchJob(job.id);
+    loadJobs();
+  }
+}
+
+async function watchJob(id) {
+  if (state.watch) state.watch.abort.abort();
+  const abort = new AbortController();
+  state.watch = { id, abort };
+  localStorage.setItem(WATCH_STORE, id);
+  lossChart.clear();
+  accChart.clear();
+  $("#watch-id").textContent = `(job ${id})`;
+  const status = $("#watch-status");
+  status.textContent = "Loading the job's history...";
+  const panel = $("#watch");
+  panel.dataset.job = id;
+  // Backfill from the metrics history, then stream what comes after it.
+  let after = -1;
+  try {
+    const job = await getJSON(`/jobs/${encodeURIComponent(id)}`, { signal: abort.signal });
+    panel.dataset.status = job.status;
+    for (;;) {
+      const page = await getJSON(`/jobs/${encodeURIComponent(id)}/metrics`, {
+        query: { after_step: after, limit: 5000 },
+        signal: abort.signal,
+      });
+      page.records.forEach(addRecord);
+      after = page.next_after_step;
+      if (!page.has_more) break;
+    }
+  } catch (e) {
+    if (e.name === "AbortError") return;
+    status.textContent = `Cannot follow job ${id}: ${errorText(e)}`;
+    if (e instanceof ApiError && e.status === 404) localStorage.removeItem(WATCH_STORE);
+    return;
+  }
+  status.textContent = `Following job ${id}...`;
+  await followEvents(`/jobs/${encodeURIComponent(id)}/events?after_step=${after}`, {
+    signal: abort.signal,
+    onEvent(name, data) {
+      if (name === "step" || name === "epoch" || name === "final") {
+        addRecord(data);
+        if (name === "step") {
+          status.textContent = `Job ${id}: ${panel.dataset.status || "running"}, epoch ${data.epoch}, step ${data.step}, loss ${data.loss.toFixed(3)}.`;
+        }
+      } else if (name === "status") {
+        panel.dataset.status = data.status;
+        const p = data.progress || {};
+        const where = p.step !== undefined ? `, step ${p.step}${p.total_steps ? ` of ${p.total_steps}` : ""}` : "";
+        status.textContent = `Job ${id}: ${data.status}${p.phase ? ` (${p.phase})` : ""}${where}.`;
+        loadJobs();
+      } else if (name === "end") {
+        panel.dataset.status = data.status;
+        const acc = data.metrics && data.metrics.test_acc;
+        status.textContent = `Job ${id} ${data.status}${acc !== undefined && acc !== null ? `: test accuracy ${pct(acc)}` : ""}${data.error ? `: ${data.error}` : ""}.`;
+        loadJobs();
+        loadModels();
+        return "stop";
+      }
+      return undefined;
+    },
+    onError(message) {
+      status.textContent = `Job ${id}: ${message}`;
+    },
+  });
+}
+
+async function cancelJob(id) {
+  await busy(
+    $("#train"),
+    async () => {
+      const out = await getJSON(`/jobs/${encodeURIComponent(id)}`, { method: "DELETE" });
+      $("#train-msg").textContent =
+        out.status === "cancelled" ? `Job ${id} is cancelled.` : `Job ${id} will stop at its next step.`;
+    },
+    $("#jobs-err"),
+  );
+  loadJobs();
+}
+
+function fmtConfig(c, k) {
+  const v = c[k];
+  return v === undefined || v === null ? "" : String(v);
+}
+
+async function loadJobs() {
+  clearTimeout(state.jobsTimer);
+  let active = false;
+  try {
+    const list = await getJSON("/jobs", { query: { limit: 50 } });
+    $("#jobs-err").textContent = "";
+    const body = $("#jobs tbody");
+    body.replaceChildren();
+    if (!list.jobs.length) body.append(el("tr", {}, el("td", { colspan: 12, text: "No jobs yet." })));
+    for (const j of list.jobs) {
+      const c = j.config || {};
+      active ||= ACTIVE.has(j.status);
+      const progress =
+        j.step !== null && j.step !== undefined ? `step ${j.step}${j.total_steps ? `/${j.total_steps}` : ""}, epoch ${j.epoch ?? "?"}` : "";
+      const actions = el(
+        "td",
+        { class: "actions" },
+        el("button", { type: "button", class: "small", text: "Watch", onclick: () => watchJob(j.id) }),
+        ACTIVE.has(j.status) && !j.cancel_requested
+          ? el("button", { type: "button", class: "small danger", text: "Cancel", onclick: () => cancelJob(j.id) })
+          : null,
+        el("a", { href: `/jobs/${encodeURIComponent(j.id)}/curves.png`, target: "_blank", rel: "noopener", text: "curves" }),
+      );
+      body.append(
+        el(
+          "tr",
+          { "data-job": j.id, "data-status": j.status },
+          el("th", { scope: "row" }, j.id),
+          el("td", { class: `status ${j.status}`, text: j.status + (j.cancel_requested && ACTIVE.has(j.status) ? " (cancelling)" : ""), title: j.error || "" }),
+          el("td", { text: fmtConfig(c, "arch") }),
+          el("td", { text: fmtConfig(c, "epochs") }),
+          el("td", { text: fmtConfig(c, "batch_size") }),
+          el("td", { text: `${fmtConfig(c, "optimizer")} ${fmtConfig(c, "lr")}` }),
+          el("td", { text: c.milestones ? `[${c.milestones.join(", ")}] x${fmtConfig(c, "gamma")}` : "" }),
+          el("td", { text: [c.crop ? "crop" : "", c.flip ? "flip" : ""].filter(Boolean).join(" + ") || "none" }),
+          el("td", { text: progress }),
+          el("td", { text: pct(j.best_val_acc) }),
+          el("td", { text: pct(j.test_acc) }),
+          actions,
+        ),
+      );
+    }
+  } catch (e) {
+    $("#jobs-err").textContent = errorText(e);
+  }
+  state.jobsTimer = setTimeout(loadJobs, active ? 2000 : 15000);
+}
+
+// ---- start ----------------------------------------------------------------------------------------------------
+
+function start() {
+  bindKey($("#api-key"));
+  $("#settings").addEventListener("submit", (e) => e.preventDefault());
+  bindDrop();
+  $("#model-select").addEventListener("change", modelChanged);
+  $("#inside-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    lookInside();
+  });
+  for (const s of document.querySelectorAll("#inside-form select")) s.addEventListener("change", () => lookInside());
+  $("#projections").addEventListener("click", gridClick);
+  // A file the browser cannot show either (the API's error says what is wrong with it): no broken-image icon.
+  $("#current-img").addEventListener("error", (e) => {
+    e.currentTarget.hidden = true;
+  });
+  $("#explain-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    explain();
+  });
+  for (const s of document.querySelectorAll("#explain-form select")) s.addEventListener("change", () => explain());
+  $("#train-form").addEventListener("submit", submitTraining);
+  $("#jobs-refresh").addEventListener("click", loadJobs);
+  $("#models-refresh").addEventListener("click", loadModels);
+
+  loadModels().then(loadClasses);
+  loadFilters();
+  loadGallery();
+  loadJobs();
+  const watched = localStorage.getItem(WATCH_STORE);
+  if (watched) watchJob(watched);
+  document.body.dataset.ready = "true";
+}
+
+start();
