@@ -16,11 +16,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from models.errors import ConvLensError
 from models.runs import RunStore
 from models.shipped import SHIPPED_DIR, SHIPPED_ID
-from service import errors
+from service import auth, errors
 from service.batching import Batcher
+from service.logs import RequestIdMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import ModelRegistry, checkpoint_dir_source
-from service.routes import explain, health, jobs, models, predict, visual
+from service.routes import explain, health, jobs, models, predict, ui, visual
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("convlens.app")
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        auth.warn_if_open(settings)
         torch.set_num_threads(settings.torch_threads or default_torch_threads())
         store = RunStore(settings.home)
         registry = build_registry(settings, store, metrics)
@@ -76,6 +78,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Train, serve and look inside a ResNet18 CIFAR classifier.",
         lifespan=lifespan,
+        docs_url=None,  # served by routes/ui.py from the bundled Swagger UI: /docs works without internet
+        # CONVLENS_AUTH=all: a key on every route but /health and the web page (require_read_access says which).
+        dependencies=[auth.ReadAccess] if settings.auth == "all" else None,
+        responses={401: auth.AUTH_401} if settings.auth == "all" else None,
     )
     app.state.settings, app.state.metrics = settings, metrics
     errors.install(app)
@@ -84,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    for module in (health, models, predict, visual, explain, jobs):
+    app.add_middleware(RequestIdMiddleware, log_requests=settings.access_log)  # outermost: every answer has an id
+    for module in (health, models, predict, visual, explain, jobs, ui):
         app.include_router(module.router)
     return app

@@ -232,7 +232,7 @@ def parse_json_images(body: bytes, max_images: int) -> list[Upload]:
     """`{"images": ["<base64>", ...]}` -> uploads."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: [[[[... thousands deep
         raise BadImage(f'the JSON body does not parse ({e}); send {{"images": ["<base64>", ...]}}') from e
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list) or not all(isinstance(s, str) for s in images):

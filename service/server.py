@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import uvicorn  # noqa: E402
 
 from service.app import create_app  # noqa: E402
+from service.logs import configure as configure_logging  # noqa: E402
 from service.settings import Settings, get_settings  # noqa: E402
 
 log = logging.getLogger("convlens.server")
@@ -80,13 +81,15 @@ class _Server(uvicorn.Server):
 
 def serve(settings: Settings) -> None:
     """Serve the API on settings.host:settings.port until Ctrl-C or SIGTERM, with a local worker if no broker."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One handler for everything, uvicorn's loggers included (log_config=None leaves them propagating to it).
+    configure_logging(settings.log_format, secrets=settings.api_key)
     worker = start_worker(settings)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        access_log=settings.access_log,
+        access_log=False,  # the app's RequestIdMiddleware writes the access line (with the request id)
+        log_config=None,
         timeout_graceful_shutdown=10,
     )
     server = _Server(config, on_exit=lambda: stop_worker(worker) if worker else None)

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch CPU threads; default: the usable cores minus one (for the event loop)"
     )
-    access_log: bool = Field(True, description="uvicorn's per-request log lines")
+    access_log: bool = Field(True, description="one log line per request (method, path, status, ms, request id)")
+    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line; text")
     embedded_worker: bool = Field(True, description="`serve` also starts a local worker when no broker is set")
 
     @field_validator("api_key", "cors_origins", "model_dirs", mode="before")

@@ -68,7 +68,7 @@ def method_params(request: Request, methods: list[str]) -> dict[str, dict[str, A
     if raw:
         try:
             doc = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: thousands of nested brackets
             raise InvalidArgument(f'params is not valid JSON ({e}); e.g. {{"occlusion": {{"patch": 8}}}}') from e
         if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
             raise InvalidArgument('params must be a JSON object {"method": {"param": value}}')

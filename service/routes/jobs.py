@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from models.config import TrainConfig
 from models.runs import RUN_ID_RE
+from service.auth import AUTH_401, WriteAccess
 from service.deps import SettingsDep, StoreDep
 from service.jobs_curves import render_curves
 from service.jobs_sse import job_events, parse_event_id
@@ -27,12 +28,7 @@ RunId = Annotated[
 ]
 
 
-def require_write_access(request: Request) -> None:
-    """Guards the routes that change state (POST /train, DELETE /jobs/{id}): the auth issue's one hook."""
-    return None  # no-op until API keys exist
-
-
-WriteAccess = Depends(require_write_access)
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no job with that id"}}
 _sender_lock = threading.Lock()
 
 
@@ -55,7 +51,17 @@ def _links(request: Request, run_id: str) -> dict[str, str]:
     }
 
 
-@router.post("/train", status_code=202, response_model=JobCreated, dependencies=[WriteAccess])
+@router.post(
+    "/train",
+    status_code=202,
+    response_model=JobCreated,
+    responses={
+        400: {"description": "the body is not JSON text (e.g. not UTF-8)"},
+        401: AUTH_401,
+        409: {"description": "a job with that run_id already exists"},
+    },
+    dependencies=[WriteAccess],
+)
 def submit(
     config: TrainConfig,
     request: Request,
@@ -93,7 +99,7 @@ def list_jobs(
     return JobList(total=total, jobs=rows)
 
 
-@router.get("/jobs/{run_id}", name="get_job")
+@router.get("/jobs/{run_id}", name="get_job", responses=NOT_FOUND)
 def get_job(run_id: RunId, request: Request, store: StoreDep) -> dict[str, Any]:
     """The job's run.json (config, status, progress heartbeat, attempts, metrics, error) and its links."""
     run = store.read_run(run_id)
@@ -105,7 +111,17 @@ def get_job(run_id: RunId, request: Request, store: StoreDep) -> dict[str, Any]:
     return {**run, "cancel_requested": store.cancel_requested(run_id), "links": links}
 
 
-@router.delete("/jobs/{run_id}", response_model=CancelAnswer, dependencies=[WriteAccess])
+@router.delete(
+    "/jobs/{run_id}",
+    response_model=CancelAnswer,
+    responses={
+        202: {"model": CancelAnswer, "description": "running: it stops at its next step"},
+        401: AUTH_401,
+        **NOT_FOUND,
+        409: {"description": "the job already finished"},
+    },
+    dependencies=[WriteAccess],
+)
 def cancel_job(run_id: RunId, store: StoreDep, response: Response) -> CancelAnswer:
     """Cancel a queued job (200, cancelled now) or a running one (202: it stops at its next step)."""
     run = store.read_run(run_id)
@@ -121,7 +137,7 @@ def cancel_job(run_id: RunId, store: StoreDep, response: Response) -> CancelAnsw
     return CancelAnswer(id=run_id, status=status, cancel_requested=True)
 
 
-@router.get("/jobs/{run_id}/metrics", response_model=MetricsPage, name="job_metrics")
+@router.get("/jobs/{run_id}/metrics", response_model=MetricsPage, name="job_metrics", responses=NOT_FOUND)
 def job_metrics(
     run_id: RunId,
     store: StoreDep,
@@ -138,7 +154,7 @@ def job_metrics(
     "/jobs/{run_id}/events",
     name="job_events_stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}, **NOT_FOUND},
 )
 async def job_events_stream(
     run_id: RunId,
@@ -162,7 +178,7 @@ async def job_events_stream(
     "/jobs/{run_id}/curves.png",
     name="job_curves",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "the seed's figures 1-4"}},
+    responses={200: {"content": {"image/png": {}}, "description": "the seed's figures 1-4"}, **NOT_FOUND},
 )
 def job_curves(run_id: RunId, store: StoreDep) -> Response:
     """Train loss per step, eval accuracy per epoch, train vs eval accuracy, train vs eval loss."""

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models import render
 from models.errors import ConvLensError
+from service.auth import AUTH_401, WriteAccess
 from service.deps import RegistryDep
 from service.registry import ModelEntry, ModelRegistry
 from service.schemas import ModelDetail, ModelList, ModelSummary
@@ -85,8 +86,9 @@ def get_model(model_id: str, registry: RegistryDep) -> ModelDetail:
 @router.post(
     "/{model_id}/default",
     response_model=ModelDetail,
-    responses={**NOT_FOUND, 503: {"description": "the checkpoint cannot be loaded"}},
+    responses={**NOT_FOUND, 401: AUTH_401, 503: {"description": "the checkpoint cannot be loaded"}},
     summary="Make a model the default",
+    dependencies=[WriteAccess],
 )
 async def set_default(model_id: str, registry: RegistryDep) -> ModelDetail:
     """Load the model, then record it in registry.json; requests already running finish on the old default."""
