@@ -31,7 +31,8 @@ def normalize_heatmap(heat: torch.Tensor) -> torch.Tensor:
     """(H, W) -> [0, 1] by min-max (as pytorch-grad-cam); a constant map is 1 where positive, else 0."""
     h = heat.detach().float().cpu()
     lo, hi = float(h.min()), float(h.max())
-    if hi > lo:
+    # Float noise is not a range: a 1x1 map upsampled bilinearly varies in its last bits only.
+    if hi - lo > 1e-6 * max(abs(hi), abs(lo), 1e-12):
         return (h - lo) / (hi - lo)
     # A 1x1 layer (layer4 at 32x32) gives a constant CAM: all equally important, or nothing.
     return torch.full_like(h, 1.0 if hi > 0 else 0.0)

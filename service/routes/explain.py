@@ -16,7 +16,7 @@ from models.errors import InvalidArgument
 from models.explain import ALIASES, LAYER_METHODS, METHODS, PARAMS, Explanation, explain
 from models.resnet import ResNet18, canonical_layer
 from service.deps import BatcherDep, ModelParam, RegistryDep, SettingsDep
-from service.routes.visual import ERRORS, IMAGE_BODY, LayerQ, _model, _one_image, _shown
+from service.routes.visual import ERRORS, IMAGE_BODY, _model, _one_image, _shown
 
 router = APIRouter(tags=["explain"])
 
@@ -25,6 +25,12 @@ PARAM_DOC = "; ".join(
     f"{m}: " + (", ".join(f"{k} (default {p.default})" for k, p in specs.items()) or "none")
     for m, specs in PARAMS.items()
 )
+
+
+def default_cam_layer(net: ResNet18, input_size: int) -> str:
+    """layer4, unless its map is 1x1 (the seed stem, total stride 32, at 32x32): then layer3."""
+    stride = 32 if isinstance(net.maxpool, torch.nn.MaxPool2d) else 8
+    return "layer4" if input_size // stride > 1 else "layer3"
 
 
 def parse_methods(spec: str) -> list[str]:
@@ -147,7 +153,15 @@ async def post_explain(
         str | None,
         Query(max_length=64, description="class name or index to explain; default: the predicted class"),
     ] = None,
-    layer: LayerQ = "layer4",
+    layer: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="layer for the CAM methods and occlusion; default: the deepest named layer whose map is "
+            "larger than 1x1 (layer4, or layer3 for the seed stem at 32x32, whose layer4 is 1x1)",
+            examples=["layer3", "conv5_x"],
+        ),
+    ] = None,
     params: Annotated[
         str | None,
         Query(
@@ -167,7 +181,7 @@ async def post_explain(
 ) -> Response:
     """Heatmaps (on the input grid) of why the model gives `target` for the image; npy: (methods, H, W) float32."""
     methods = parse_methods(method)
-    canon = canonical_layer(layer)
+    canon = canonical_layer(layer) if layer is not None else None
     extra = method_params(request, methods)
     if format == "png" and view != "figure" and len(methods) != 1:
         raise InvalidArgument(f"view={view} draws one method; {len(methods)} were asked (use view=figure)")
@@ -176,6 +190,7 @@ async def post_explain(
     tgt = parse_target(target, classes)
     x, u8 = await _one_image(request, settings, loaded)
     net: ResNet18 = loaded.model  # type: ignore[assignment]
+    canon = canon or default_cam_layer(net, int(loaded.meta.get("input_size", 32)))
     mean, std = loaded.meta["mean"], loaded.meta["std"]
     found = await batcher.call(lambda: explain(net, x, methods, tgt, canon, extra, mean, std))
     probs = (await batcher.predict(loaded, x))[0]
