@@ -91,8 +91,10 @@ def live(trained_home: Path, synthetic_data: Path, tmp_path_factory: pytest.Temp
         stack.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    # Module scope: sync_playwright runs an event loop in this thread until it exits; kept for the session it
+    # would still run during later modules, whose asyncio.run() then fails.
     assert sync_playwright is not None
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)

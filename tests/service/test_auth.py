@@ -81,13 +81,14 @@ def test_reads_stay_open_in_writes_mode(keyed: TestClient, test_pngs: list[bytes
     assert c.post("/predict", files={"files": ("a.png", test_pngs[0], "image/png")}).status_code == 200
 
 
-def test_auth_all_guards_every_route_but_health_and_docs(home: Path, synthetic_data: Path) -> None:
+def test_auth_all_guards_every_route_but_health_ready_and_docs(home: Path, synthetic_data: Path) -> None:
     with make_client(home, synthetic_data, api_key=KEYS, auth="all") as c:
-        for path in ("/models", "/models/tiny", "/jobs", "/jobs/tiny", "/ready", "/metrics", "/filters"):
+        for path in ("/models", "/models/tiny", "/jobs", "/jobs/tiny", "/metrics", "/filters"):
             assert_401(c.get(path), "authentication required")
             assert c.get(path, headers={"X-API-Key": "alpha-key-1"}).status_code == 200, path
         assert_401(c.post("/predict", json={"images": []}), "authentication required")
-        for path in ("/health", "/docs", "/openapi.json"):
+        # /ready stays open for load balancers and container health checks; /docs and its assets for people.
+        for path in ("/health", "/ready", "/docs", "/docs-assets/swagger-ui.css", "/openapi.json"):
             assert c.get(path).status_code == 200, path
 
 

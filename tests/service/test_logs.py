@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.logs import JsonFormatter, RequestIdFilter, TextFormatter, redact
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, link_copy
 from tests.service.conftest import make_client
 
 KEY = "s3cret-key-do-not-log"
@@ -46,8 +46,9 @@ def lines(buf: io.StringIO) -> list[dict[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def keyed(trained_home: Path, synthetic_data: Path) -> Iterator[TestClient]:
-    with make_client(trained_home, synthetic_data, api_key=KEY) as c:
+def keyed(trained_home: Path, synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    home = link_copy(trained_home, tmp_path_factory.mktemp("logs") / "home")  # its requests set a default
+    with make_client(home, synthetic_data, api_key=KEY) as c:
         yield c
 
 
@@ -106,7 +107,7 @@ def test_serve_writes_json_lines_without_secrets(trained_home: Path, tmp_path: P
     port = free_port()
     env = {
         **os.environ,
-        "CONVLENS_HOME": str(trained_home),
+        "CONVLENS_HOME": str(link_copy(trained_home, tmp_path / "home")),  # it sets a default: a private copy
         "CONVLENS_PORT": str(port),
         "CONVLENS_API_KEY": KEY,
         "CONVLENS_EMBEDDED_WORKER": "false",
