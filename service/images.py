@@ -259,3 +259,24 @@ async def read_uploads(request: Request, max_bytes: int, max_images: int, field_
     if not uploads:
         raise BadImage(f"no images in the request; send one or more files in the form field {field_name!r}")
     return uploads
+
+
+def image_request_body(field: str, many: bool, json_schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI `requestBody` for an endpoint reading images with read_uploads: multipart `field` or JSON base64."""
+    binary = {"type": "string", "format": "binary"}
+    prop = (
+        {
+            "type": "array",
+            "items": binary,
+            "description": "one or more image files (PNG, JPEG, GIF, BMP, TIFF, WebP, PPM)",
+        }
+        if many
+        else {**binary, "description": "one image file"}
+    )
+    multipart = {"type": "object", "required": [field], "properties": {field: prop}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": json_schema}},
+        }
+    }

@@ -281,6 +281,14 @@ class ModelRegistry:
                 self._cache.move_to_end(model_id)
             return hit
 
+    async def aget(self, model_id: str | None = None) -> LoadedModel:
+        """`get` for request handlers: the cached model without a thread hop, else loaded in the thread pool."""
+        from starlette.concurrency import run_in_threadpool
+
+        mid = self.resolve(model_id)
+        hit = self.cached(mid)
+        return hit if hit is not None else await run_in_threadpool(self.get, mid)
+
     def loaded_ids(self) -> list[str]:
         with self._lock:
             return list(self._cache)

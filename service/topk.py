@@ -72,6 +72,14 @@ def load_examples(data_root: Path, meta: dict[str, Any]) -> tuple[ArrayDataset, 
     return load_cifar(data_root, dataset, train=False), f"{dataset} test"
 
 
+def at_input_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images (N, 3, s, s) resized (bilinear) to the model's input size; unchanged when it is s."""
+    if size == images.shape[-1]:
+        return images
+    up = torch.nn.functional.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
+    return up.round().clamp(0, 255).to(torch.uint8)
+
+
 class TopKService:
     """Finds, builds (once, in the background) and caches the top-k index of each model."""
 
@@ -123,35 +131,13 @@ class TopKService:
         build.thread.start()
         return build
 
-    def wait(self, loaded: LoadedModel, timeout: float = 600.0) -> TopKIndex:
-        """Block until the index is ready (for scripts and benchmarks)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.get(loaded)
-            if isinstance(got, TopKIndex):
-                return got
-            if got.error:
-                raise ConvLensError(got.error)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"top-k index of {loaded.id} not built in {timeout}s")
-            if got.thread is not None:
-                got.thread.join(0.2)
-
     def _build(self, loaded: LoadedModel, stem: Path, build: Build) -> None:
         t0 = time.perf_counter()
         try:
             ds, split = self.examples(loaded.meta)
             model: ResNet18 = copy.deepcopy(loaded.model).eval()  # type: ignore[assignment]  # a private copy: hooks never touch the served model
-            size = int(loaded.meta.get("input_size", ds.images.shape[-1]))
-            images = ds.images
-            if size != images.shape[-1]:
-                # A model trained on upsampled inputs ranks upsampled images (normalisation commutes with this).
-                images = (
-                    torch.nn.functional.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
-                    .round()
-                    .clamp(0, 255)
-                    .to(torch.uint8)
-                )
+            # A model trained on upsampled inputs ranks upsampled images (normalisation commutes with this).
+            images = at_input_size(ds.images, int(loaded.meta.get("input_size", ds.images.shape[-1])))
 
             def progress(frac: float) -> None:
                 build.progress = frac

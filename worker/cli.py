@@ -85,11 +85,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0 if run["status"] == "succeeded" else 1
 
 
+def _export(ns: argparse.Namespace, **names: str) -> None:
+    """Options given on the command line become the CONVLENS_* variables the settings objects read."""
+    for option, env in names.items():
+        value = getattr(ns, option, None)
+        if value:
+            os.environ[env] = str(value)
+
+
 def cmd_worker(ns: argparse.Namespace) -> int:
     """A Celery worker with the project's settings: one job at a time (solo pool) on the training queue."""
-    for flag, env in ((ns.home, "CONVLENS_HOME"), (ns.data, "CONVLENS_DATA_DIR"), (ns.device, "CONVLENS_DEVICE")):
-        if flag:
-            os.environ[env] = flag
+    _export(ns, home="CONVLENS_HOME", data="CONVLENS_DATA_DIR", device="CONVLENS_DEVICE")
     from worker.celery_app import worker_app
     from worker.settings import get_worker_settings
 
@@ -121,14 +127,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     """The API (uvicorn) with, when no broker is configured, a local worker on the embedded queue."""
-    for flag, env in (
-        (ns.home, "CONVLENS_HOME"),
-        (ns.data, "CONVLENS_DATA_DIR"),
-        (ns.host, "CONVLENS_HOST"),
-        (ns.port, "CONVLENS_PORT"),
-    ):
-        if flag:
-            os.environ[env] = str(flag)
+    _export(ns, home="CONVLENS_HOME", data="CONVLENS_DATA_DIR", host="CONVLENS_HOST", port="CONVLENS_PORT")
     from service.server import serve  # sets OMP_WAIT_POLICY before torch loads
     from service.settings import get_settings
 

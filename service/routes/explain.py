@@ -16,7 +16,7 @@ from models.errors import InvalidArgument
 from models.explain import ALIASES, LAYER_METHODS, METHODS, PARAMS, Explanation, explain
 from models.resnet import ResNet18, canonical_layer
 from service.deps import BatcherDep, ModelParam, RegistryDep, SettingsDep
-from service.routes.visual import ERRORS, IMAGE_BODY, _model, _one_image, _shown
+from service.routes.visual import ERRORS, IMAGE_BODY, _one_image, _shown
 
 router = APIRouter(tags=["explain"])
 
@@ -185,7 +185,7 @@ async def post_explain(
     extra = method_params(request, methods)
     if format == "png" and view != "figure" and len(methods) != 1:
         raise InvalidArgument(f"view={view} draws one method; {len(methods)} were asked (use view=figure)")
-    loaded = await _model(registry, model)
+    loaded = await registry.aget(model)
     classes = loaded.classes
     tgt = parse_target(target, classes)
     x, u8 = await _one_image(request, settings, loaded)

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models.errors import InvalidArgument
 from service.deps import BatcherDep, ModelParam, RegistryDep, SettingsDep
-from service.images import ImageLimits, Upload, prepare_uint8, read_uploads
+from service.images import ImageLimits, Upload, image_request_body, prepare_uint8, read_uploads
 from service.registry import LoadedModel
 from service.schemas import PredictJSON, PredictResponse
 
@@ -19,27 +19,7 @@ router = APIRouter(prefix="/predict", tags=["predict"])
 # Below this many bytes decoding takes well under a millisecond: do it on the event loop, skipping a thread hop.
 INLINE_DECODE_BYTES = 64 * 1024
 
-REQUEST_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "one or more image files (PNG, JPEG, GIF, BMP, TIFF, WebP, PPM)",
-                        }
-                    },
-                }
-            },
-            "application/json": {"schema": PredictJSON.model_json_schema()},
-        },
-    }
-}
+REQUEST_BODY = image_request_body("files", True, PredictJSON.model_json_schema())
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"description": "body over max_upload_bytes, an image over max_image_pixels, or too many images"},
@@ -75,10 +55,7 @@ async def predict(
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes per image (at most the model's classes)")] = 5,
 ) -> PredictResponse:
     """Top-k classes of each image (multipart field `files`, or JSON base64 `images`), micro-batched."""
-    model_id = registry.resolve(model)
-    loaded = registry.cached(model_id)
-    if loaded is None:
-        loaded = await run_in_threadpool(registry.get, model_id)
+    loaded = await registry.aget(model)
     k_max = min(loaded.num_classes, settings.max_top_k)
     if top_k > k_max:
         raise InvalidArgument(f"top_k={top_k} is too large: model {loaded.id} allows at most {k_max}")

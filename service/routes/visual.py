@@ -24,9 +24,9 @@ from models.resnet import ResNet18, canonical_layer, conv_layer, conv_layers
 from models.reverse import MODES, RULES, SEEDS, SHORTCUTS, reconstruct, select_channels
 from models.visual import TopKIndex, feature_maps, filters, hit_projections, image_patch, receptive_field
 from service.deps import BatcherDep, ModelParam, RegistryDep, SettingsDep
-from service.images import ImageLimits, normalize_batch, prepare_uint8, read_uploads
+from service.images import ImageLimits, image_request_body, normalize_batch, prepare_uint8, read_uploads
 from service.registry import LoadedModel
-from service.topk import INDEX_K, Build, TopKService
+from service.topk import INDEX_K, Build, TopKService, at_input_size
 
 router = APIRouter(tags=["look inside"])
 
@@ -34,35 +34,23 @@ Format = Literal["png", "json", "npy"]
 JSON_MAX_VALUES = 1 << 20  # beyond ~1M numbers JSON is the wrong format (tens of MB): npy says the same in 4 bytes each
 MAX_CHANNEL_SPEC = 4096  # characters of a `channels` list
 
-IMAGE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary", "description": "one image file"}},
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["images"],
-                    "properties": {
-                        "images": {
-                            "type": "array",
-                            "items": {"type": "string"},
-                            "minItems": 1,
-                            "maxItems": 1,
-                            "description": "one base64 image (a data: URL is fine)",
-                        }
-                    },
-                }
-            },
+IMAGE_BODY = image_request_body(
+    "file",
+    False,
+    {
+        "type": "object",
+        "required": ["images"],
+        "properties": {
+            "images": {
+                "type": "array",
+                "items": {"type": "string"},
+                "minItems": 1,
+                "maxItems": 1,
+                "description": "one base64 image (a data: URL is fine)",
+            }
         },
-    }
-}
+    },
+)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "no model with that id"},
@@ -147,12 +135,6 @@ def _respond(
     return Response(png(), media_type="image/png", headers=hdrs)
 
 
-async def _model(registry: RegistryDep, model: str | None) -> LoadedModel:
-    mid = registry.resolve(model)
-    loaded = registry.cached(mid)
-    return loaded if loaded is not None else await run_in_threadpool(registry.get, mid)
-
-
 async def _one_image(request: Request, settings: SettingsDep, loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """The request's single image as (normalised network input (1, 3, H, W), uint8 (3, s, s) for display)."""
     uploads = await read_uploads(request, settings.max_upload_bytes, 1, field_name="file")
@@ -204,7 +186,7 @@ async def get_filters(
     format: FormatQ = "png",
 ) -> Response:
     """A conv layer's weights (out, in, kh, kw): as the seed's figures 5 and 6 (png), or the numbers."""
-    loaded = await _model(registry, model)
+    loaded = await registry.aget(model)
     net: ResNet18 = loaded.model  # type: ignore[assignment]
     w = filters(net, layer)  # UnknownLayer (422) lists the valid names
     chosen = None
@@ -252,7 +234,7 @@ async def post_featuremaps(
     """The activation (C, h, w) of a named layer (after its ReLU) for one image, as a labelled grid or numbers."""
     canon = canonical_layer(layer)
     spec = parse_channels(channels)
-    loaded = await _model(registry, model)
+    loaded = await registry.aget(model)
     x, _ = await _one_image(request, settings, loaded)
     net: ResNet18 = loaded.model  # type: ignore[assignment]
     act = (await batcher.call(lambda: feature_maps(net, x[0], canon))).cpu()
@@ -312,7 +294,7 @@ async def post_reconstruct(
     assert mode in MODES and seed in SEEDS and rule in RULES and shortcut in SHORTCUTS
     canon = canonical_layer(layer)
     spec = parse_channels(channels)
-    loaded = await _model(registry, model)
+    loaded = await registry.aget(model)
     x, u8 = await _one_image(request, settings, loaded)
     net: ResNet18 = loaded.model  # type: ignore[assignment]
     rec = await batcher.call(lambda: reconstruct(net, x[0], canon, spec, mode, seed, rule, shortcut))
@@ -370,11 +352,10 @@ def _topk_answer(
     net: ResNet18 = loaded.model  # type: ignore[assignment]
     size = int(loaded.meta.get("input_size", ds.images.shape[-1]))
     images = ds.images
-    if size != images.shape[-1]:
+    if size != images.shape[-1]:  # resize only the hit images, in place of the whole split
         sel = torch.tensor([h.image for h in hits])
-        up = F.interpolate(images[sel].float(), size=size, mode="bilinear", align_corners=False)
         images = torch.zeros(int(sel.max()) + 1, 3, size, size, dtype=torch.uint8)
-        images[sel] = up.round().clamp(0, 255).to(torch.uint8)
+        images[sel] = at_input_size(ds.images[sel], size)
     proj = hit_projections(net, images, loaded.meta["mean"], loaded.meta["std"], canon, channel, hits, rule, shortcut)
     proj = proj.cpu()
     out, patches, projs = [], [], []
@@ -428,7 +409,7 @@ async def get_topk(
     request in the background: until it is ready the answer is 202 with the build's progress.
     """
     canon = canonical_layer(layer)
-    loaded = await _model(registry, model)
+    loaded = await registry.aget(model)
     svc = topk_service(request)
     got = await run_in_threadpool(svc.get, loaded)
     if isinstance(got, Build):
