@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -12,9 +13,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
-from models.errors import CheckpointError, ConvLensError
+from models.errors import CheckpointError, ConvLensError, DiskFull
 from models.resnet import ResNet18, build_model
 
 WEIGHTS = ".safetensors"
@@ -31,9 +32,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_disk_full(e, path)
         raise
+
+
+def _raise_if_disk_full(e: BaseException, path: Path) -> None:
+    """ENOSPC, however the writer reports it (OSError, safetensors' or torch's own errors): one clear error."""
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+        raise DiskFull(f"cannot write {path}: no space left on device; free space where it lives and retry") from e
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -51,8 +59,9 @@ def _atomic_via_temp(path: Path, write: Any) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_disk_full(e, path)
         raise
 
 
@@ -77,21 +86,58 @@ def weights_path(stem: Path) -> Path:
     return stem.with_suffix(WEIGHTS) if stem.suffix in (WEIGHTS, META) else Path(f"{stem}{WEIGHTS}")
 
 
+def pending_path(stem: Path) -> Path:
+    """Where new weights wait, complete, until their metadata commits them (see save_checkpoint)."""
+    w = weights_path(stem)
+    return w.with_name(f".{w.name}.pending")
+
+
 def meta_path(stem: Path) -> Path:
     """The metadata JSON beside a checkpoint's weights."""
     return weights_path(stem).with_suffix(META)
 
 
 def save_checkpoint(model: torch.nn.Module, stem: Path, meta: dict[str, Any], half: bool = False) -> dict[str, Any]:
-    """Save weights (safetensors) then metadata (JSON with the weights' sha256); returns the metadata."""
+    """Save weights (safetensors) and metadata (JSON with the weights' sha256) as one commit; returns the metadata.
+
+    The new weights are written, complete and fsynced, beside the old ones (`pending_path`); the metadata's
+    atomic rename is the commit point; then the weights are renamed into place. A kill at any moment leaves
+    either the old pair or the new metadata with its weights still pending, which `load_weights` reads and
+    `tidy_checkpoints` finishes: never metadata that describes other weights.
+    """
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    wpath = weights_path(stem)
-    _atomic_via_temp(wpath, lambda tmp: save_file(state, tmp, metadata={"arch": str(meta.get("arch", ""))}))
-    full = {**meta, "sha256": sha256_file(wpath), "weights": wpath.name, "versions": versions()}
+    wpath, pending = weights_path(stem), pending_path(stem)
+    _atomic_via_temp(pending, lambda tmp: save_file(state, tmp, metadata={"arch": str(meta.get("arch", ""))}))
+    full = {**meta, "sha256": sha256_file(pending), "weights": wpath.name, "versions": versions()}
     atomic_write_json(meta_path(stem), full)
+    os.replace(pending, wpath)
     return full
+
+
+def tidy_checkpoints(folder: Path) -> list[str]:
+    """Finish saves a kill interrupted (pending weights their metadata committed) and drop the rest of them.
+
+    For the one writer of a folder (the trainer holding the run's lease), before it writes; returns what it did.
+    """
+    done = []
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        done.append(f"removed {tmp.name}")
+    for pending in folder.glob(f".*{WEIGHTS}.pending"):
+        stem = folder / pending.name[1 : -len(f"{WEIGHTS}.pending")]
+        try:
+            committed = json.loads(meta_path(stem).read_text()).get("sha256") == sha256_file(pending)
+        except (OSError, ValueError):
+            committed = False
+        if committed:
+            os.replace(pending, weights_path(stem))
+            done.append(f"finished {weights_path(stem).name}")
+        else:
+            pending.unlink(missing_ok=True)
+            done.append(f"removed {pending.name}")
+    return done
 
 
 def read_meta(stem: Path) -> dict[str, Any]:
@@ -131,20 +177,35 @@ def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
 
 
 def load_weights(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, verifying its sha256 when given; corruption is a CheckpointError."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint weights {path} are missing")
-    if expected_sha256 is not None:
-        actual = sha256_file(path)
-        if actual != expected_sha256:
+    """Read a safetensors file, verifying its sha256 when given; corruption is a CheckpointError.
+
+    The file is read once and verified and parsed from the same bytes. When the metadata committed weights
+    that a killed save left pending (see save_checkpoint), those are read instead.
+    """
+    data = _read(path)
+    if expected_sha256 is not None and (data is None or hashlib.sha256(data).hexdigest() != expected_sha256):
+        pending = _read(pending_path(path))
+        if pending is not None and hashlib.sha256(pending).hexdigest() == expected_sha256:
+            data = pending
+        elif data is not None:
+            actual = hashlib.sha256(data).hexdigest()
             raise CheckpointError(
                 f"checkpoint weights {path} are corrupted or were replaced: sha256 {actual[:12]}... "
                 f"does not match the recorded {expected_sha256[:12]}..."
             )
+    if data is None:
+        raise CheckpointError(f"checkpoint weights {path} are missing")
     try:
-        return load_file(str(path))
+        return load(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint weights {path} are truncated or corrupted: {e}") from e
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
 
 
 def load_checkpoint(

@@ -31,3 +31,7 @@ class BadImage(ConvLensError, ValueError):
 
 class InvalidArgument(ConvLensError, ValueError):
     """A value out of range (a channel index, a count) for the model at hand."""
+
+
+class DiskFull(ConvLensError, OSError):
+    """A write failed for want of space (ENOSPC); nothing half-written was left behind."""

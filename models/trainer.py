@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoints import load_state, load_state_dict, meta_path, save_checkpoint, save_state, weights_path
+from models.checkpoints import (
+    load_state,
+    load_state_dict,
+    meta_path,
+    pending_path,
+    save_checkpoint,
+    save_state,
+    tidy_checkpoints,
+    weights_path,
+)
 from models.config import TrainConfig
 from models.data import (
     ArrayDataset,
@@ -161,6 +170,7 @@ def train(
     info = dataset_info(cfg.dataset)
     ckdir = run_dir / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
+    tidy_checkpoints(ckdir)  # saves a killed attempt left unfinished: completed if committed, else dropped
     log = MetricsLog(run_dir / "metrics.jsonl")
 
     full = load_cifar(data_root, cfg.dataset, train=True)
@@ -368,8 +378,9 @@ def _prune(ckdir: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` epoch checkpoints (best.* and state.pt are separate)."""
     epochs = sorted(ckdir.glob("epoch-*.safetensors"))
     for old in epochs[: max(0, len(epochs) - keep_last)]:
-        old.with_suffix(".json").unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)  # the metadata first: no listing sees half a pair
         old.unlink(missing_ok=True)
+        pending_path(old).unlink(missing_ok=True)
 
 
 def _summary_writer(path: Path) -> Any:

@@ -12,6 +12,7 @@ from models.errors import (
     CheckpointError,
     ConvLensError,
     DatasetMissing,
+    DiskFull,
     InvalidArgument,
     UnknownArchitecture,
     UnknownDataset,
@@ -55,6 +56,7 @@ STATUS: list[tuple[type[ConvLensError], int]] = [
     (UnknownDataset, 422),
     (DatasetMissing, 503),  # the server lacks data; not the client's fault
     (CheckpointError, 503),
+    (DiskFull, 507),  # the run store is full: nothing was written, the request can be retried later
     (NoModel, 503),
     (Overloaded, 503),
 ]
