@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -18,6 +19,7 @@ from models.runs import RunStore
 from models.shipped import SHIPPED_DIR, SHIPPED_ID
 from service import auth, errors
 from service.batching import Batcher
+from service.jobs_sse import StreamLimiter
 from service.logs import RequestIdMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import ModelRegistry, checkpoint_dir_source
@@ -46,6 +48,13 @@ def build_registry(settings: Settings, store: RunStore, metrics: Metrics | None 
     )
 
 
+def begin_draining(app: FastAPI) -> None:
+    """The server is shutting down: open event streams end now, so they do not hold the shutdown."""
+    draining = getattr(app.state, "draining", None)
+    if draining is not None:
+        draining.set()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; tests pass their own Settings, the server reads the environment."""
     settings = settings or get_settings()
@@ -60,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms, settings.max_queue_images, metrics)
         batcher.start()
         app.state.settings, app.state.store, app.state.registry, app.state.batcher = settings, store, registry, batcher
+        app.state.draining = asyncio.Event()  # set by begin_draining; made here, on the loop that serves
         try:
             # Load the default now, so neither the first request nor /ready pays for it; none yet is not fatal.
             await anyio.to_thread.run_sync(registry.get)
@@ -84,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={401: auth.AUTH_401} if settings.auth == "all" else None,
     )
     app.state.settings, app.state.metrics = settings, metrics
+    app.state.sse_limiter = StreamLimiter(settings.max_sse_per_client)
     errors.install(app)
     if settings.cors_origins:
         app.add_middleware(

@@ -3,12 +3,18 @@
 Each metrics.jsonl record is an event named by its kind (`step`, `epoch`, `final`) whose id is its step
 (`120`, or `120-epoch`, `120-final` for the records that share a step), so `Last-Event-ID` resumes exactly.
 `status` events report status/phase changes, `: ping` comments keep proxies from closing an idle stream, and
-one `end` event carries the final status before the stream closes.
+one `end` event carries the final status before the stream closes. When the server shuts down (`stop` is set),
+the stream ends at once with a `: shutting down` comment; EventSource reconnects with `Last-Event-ID`.
+
+`StreamLimiter` bounds the streams one client holds open (CONVLENS_MAX_SSE_PER_CLIENT), and
+`CountedStreamingResponse` gives a stream's slot back however the stream ends: its last event, the client
+hanging up, or the server cancelling it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -16,6 +22,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from models.runs import TERMINAL, RunNotFound, RunStore
 
@@ -86,6 +95,19 @@ def _status(run: dict[str, Any]) -> dict[str, Any]:
     return {"id": run.get("id"), **{k: run.get(k) for k in keys}}
 
 
+async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
+    """Sleep `seconds`, or less if `stop` is set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+SHUTTING_DOWN = ": shutting down; reconnect with Last-Event-ID\n\n"
+
+
 async def job_events(
     store: RunStore,
     run_id: str,
@@ -93,8 +115,9 @@ async def job_events(
     ping_s: float,
     poll_s: float,
     disconnected: Callable[[], Awaitable[bool]],
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[str]:
-    """The event stream of one job, from `after` (exclusive) to its terminal status."""
+    """The event stream of one job, from `after` (exclusive) to its terminal status, or until `stop` is set."""
     yield "retry: 2000\n\n"
     tail = MetricsTail(store.run_dir(run_id) / "metrics.jsonl")
     last, shown, sent_at = after or START, None, time.monotonic()
@@ -108,13 +131,16 @@ async def job_events(
         return run, tail.poll()
 
     while not await disconnected():
+        if stop is not None and stop.is_set():
+            yield SHUTTING_DOWN
+            return
         try:
             run, records = await asyncio.to_thread(poll)  # file reads off the event loop
         except RunNotFound:
             yield format_event("end", {"id": run_id, "status": "deleted"})
             return
         if run is None:
-            await asyncio.sleep(poll_s)
+            await _pause(poll_s, stop)
             continue
         for rec in records:
             cur = cursor_of(rec)
@@ -134,4 +160,46 @@ async def job_events(
         if time.monotonic() - sent_at >= ping_s:
             yield ": ping\n\n"
             sent_at = time.monotonic()
-        await asyncio.sleep(poll_s)
+        await _pause(poll_s, stop)
+
+
+class StreamLimiter:
+    """How many event streams each client holds open. Used only on the event loop, so it needs no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    def acquire(self, client: str) -> bool:
+        """Take a slot for `client`; False when it already holds `limit` streams."""
+        n = self.open.get(client, 0)
+        if n >= self.limit:
+            return False
+        self.open[client] = n + 1
+        return True
+
+    def release(self, client: str) -> None:
+        n = self.open.get(client, 0) - 1
+        if n > 0:
+            self.open[client] = n
+        else:
+            self.open.pop(client, None)
+
+
+class CountedStreamingResponse(StreamingResponse):
+    """A StreamingResponse that calls `release` once when it ends, however it ends (done, hung up, cancelled)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()

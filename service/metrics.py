@@ -44,6 +44,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.in_flight = Gauge(
+            "convlens_http_requests_in_flight",
+            "HTTP requests being served now (open event streams and this scrape included)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "convlens_batch_size", "images per forward pass of the micro-batcher", buckets=BATCH_BUCKETS, registry=r
         )
@@ -85,9 +90,11 @@ class MetricsMiddleware:
                 status[0] = message["status"]
             await send(message)
 
+        self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.metrics.in_flight.dec()
             route: Any = scope.get("route")
             # The template (`/models/{model_id}`), never the raw path: unmatched paths must not grow the label set.
             name = getattr(route, "path", None) or "<unmatched>"

@@ -1,4 +1,10 @@
-"""`serve(settings)`: the API under uvicorn, plus a local Celery worker on the embedded queue when no broker is set."""
+"""`serve(settings)`: the API under uvicorn, plus a local Celery worker on the embedded queue when no broker is set.
+
+Graceful shutdown (SIGTERM or Ctrl-C): uvicorn stops listening at once (new connections are refused), closes idle
+keep-alive connections, and lets requests in flight finish for up to CONVLENS_SHUTDOWN_TIMEOUT_S before it
+cancels them. Open event streams (GET /jobs/{id}/events) would otherwise hold that wait to its end: they are told
+to end first (`begin_draining`), and their clients reconnect with Last-Event-ID. A SIGTERM exits 0.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Generator
@@ -17,8 +24,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import uvicorn  # noqa: E402
 
-from service.app import create_app  # noqa: E402
-from service.logs import configure as configure_logging  # noqa: E402
+from models.logs import configure as configure_logging  # noqa: E402
+from service.app import begin_draining, create_app  # noqa: E402
 from service.settings import Settings, get_settings  # noqa: E402
 
 log = logging.getLogger("convlens.server")
@@ -64,11 +71,19 @@ def stop_worker(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIME
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, running `on_exit` after it stops but before it re-raises the signal that stopped it."""
+    """uvicorn's server, with two hooks: `on_shutdown` as its graceful shutdown begins (before it waits for the
+    connections), and `on_exit` after it stops. A SIGTERM is a normal stop: it is not re-raised (exit status 0,
+    not -15); a Ctrl-C still is (as KeyboardInterrupt, which `serve` swallows)."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, on_exit: Callable[[], None], on_shutdown: Callable[[], None] = lambda: None
+    ) -> None:
         super().__init__(config)
-        self.on_exit = on_exit
+        self.on_exit, self.on_shutdown = on_exit, on_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.on_shutdown()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -77,6 +92,7 @@ class _Server(uvicorn.Server):
                 yield
             finally:
                 self.on_exit()
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
 def serve(settings: Settings) -> None:
@@ -84,15 +100,18 @@ def serve(settings: Settings) -> None:
     # One handler for everything, uvicorn's loggers included (log_config=None leaves them propagating to it).
     configure_logging(settings.log_format, secrets=settings.api_key)
     worker = start_worker(settings)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         access_log=False,  # the app's RequestIdMiddleware writes the access line (with the request id)
         log_config=None,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
-    server = _Server(config, on_exit=lambda: stop_worker(worker) if worker else None)
+    server = _Server(
+        config, on_exit=lambda: stop_worker(worker) if worker else None, on_shutdown=lambda: begin_draining(app)
+    )
     try:
         server.run()
     except KeyboardInterrupt:

@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(True, description="one log line per request (method, path, status, ms, request id)")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line; text")
+    max_sse_per_client: int = Field(
+        8, ge=1, le=10_000, description="open GET /jobs/{id}/events streams one client IP may hold; past it 429"
+    )
+    shutdown_timeout_s: int = Field(
+        10,
+        ge=1,
+        le=3600,
+        description="on SIGTERM/Ctrl-C, how long requests in flight may take to finish (event streams end at once)",
+    )
     embedded_worker: bool = Field(True, description="`serve` also starts a local worker when no broker is set")
 
     @field_validator("api_key", "cors_origins", "model_dirs", mode="before")

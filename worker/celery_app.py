@@ -145,7 +145,13 @@ def send_train(app: Celery, run_id: str) -> None:
 
 @lru_cache
 def worker_app() -> Celery:
-    """The worker's app, from the environment (built on first use: importing this module has no side effects)."""
+    """The worker's app, from the environment (built on first use: importing this module has no side effects).
+
+    Building it also hands the worker's logging to worker/logs.py (the API's format, through Celery's signals).
+    """
+    from worker.logs import install as install_logging
+
+    install_logging()
     return make_celery(get_worker_settings(), main=True)
 
 

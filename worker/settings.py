@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DAY_S = 24 * 3600
 
@@ -39,6 +40,18 @@ class WorkerSettings(BaseSettings):
     )
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads; default torch's own")
     tensorboard: bool = Field(True, description="also write TensorBoard event files")
+    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line; text")
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="the API's keys (CONVLENS_API_KEY): the worker checks none, it only keeps them out of its logs",
+    )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
 
     @property
     def data_root(self) -> Path:

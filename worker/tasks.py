@@ -118,12 +118,16 @@ def train(self: Task, run_id: str) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    return run_job(
+    node = str(self.request.hostname or "worker")
+    log.info("job %s taken by %s", run_id, node)
+    summary = run_job(
         RunStore(settings.home),
         settings,
         run_id,
-        node=str(self.request.hostname or "worker"),
+        node=node,
         report=lambda p: _report_progress(self, p),
         send=lambda rid: send_train(self.app, rid),
         stop=STOPPING.is_set,
     )
+    log.info("job %s %s", run_id, "re-queued" if summary.get("requeued") else summary.get("status"))
+    return summary

@@ -16,7 +16,7 @@ from models.runs import RUN_ID_RE
 from service.auth import AUTH_401, WriteAccess
 from service.deps import SettingsDep, StoreDep
 from service.jobs_curves import render_curves
-from service.jobs_sse import job_events, parse_event_id
+from service.jobs_sse import CountedStreamingResponse, StreamLimiter, job_events, parse_event_id
 from service.jobs_view import CancelAnswer, JobCreated, JobList, Kind, MetricsPage, Status, job_table, metrics_page
 from worker.celery_app import send_train, sender_app
 
@@ -29,6 +29,7 @@ RunId = Annotated[
 
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no job with that id"}}
+SSE_RETRY_AFTER_S = 5  # a slot frees when one of the client's streams ends: no telling when, so a short pause
 _sender_lock = threading.Lock()
 
 
@@ -154,7 +155,11 @@ def job_metrics(
     "/jobs/{run_id}/events",
     name="job_events_stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}, **NOT_FOUND},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "server-sent events"},
+        **NOT_FOUND,
+        429: {"description": "this client already holds CONVLENS_MAX_SSE_PER_CLIENT open streams (Retry-After)"},
+    },
 )
 async def job_events_stream(
     run_id: RunId,
@@ -164,14 +169,29 @@ async def job_events_stream(
     after_step: Annotated[int | None, Query(ge=-1, description="start after this step (first connection)")] = None,
     heartbeat: Annotated[float, Query(ge=0.5, le=120, description="seconds between keepalive comments")] = 15.0,
 ) -> StreamingResponse:
-    """Live progress as server-sent events: `step`/`epoch`/`final` records (id = step), `status`, then `end`."""
+    """Live progress as server-sent events: `step`/`epoch`/`final` records (id = step), `status`, then `end`.
+
+    One client (IP address) may hold CONVLENS_MAX_SSE_PER_CLIENT streams open at once; past that, 429.
+    """
     store.read_run(run_id)  # 404 before the stream starts
     after = parse_event_id(last_event_id)
     if after is None and after_step is not None:
         after = (after_step, 99)
-    stream = job_events(store, run_id, after, heartbeat, 0.5, request.is_disconnected)
+    limiter: StreamLimiter = request.app.state.sse_limiter
+    client = request.client.host if request.client else "unknown"
+    if not limiter.acquire(client):
+        raise HTTPException(
+            429,
+            f"too many open event streams: {client} already holds {limiter.limit}, the most one client may hold "
+            f"(CONVLENS_MAX_SSE_PER_CLIENT={limiter.limit}); close one, or raise that setting on the server",
+            headers={"Retry-After": str(SSE_RETRY_AFTER_S)},
+        )
+    stop = getattr(request.app.state, "draining", None)  # set when the server shuts down
+    stream = job_events(store, run_id, after, heartbeat, 0.5, request.is_disconnected, stop)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    return CountedStreamingResponse(
+        stream, release=lambda: limiter.release(client), media_type="text/event-stream", headers=headers
+    )
 
 
 @router.get(

@@ -14,6 +14,7 @@ export async function followEvents(url, { signal, onEvent, onError, lastEventId 
   let lastId = lastEventId;
   let retryMs = 2000;
   while (!signal.aborted) {
+    let waitMs = retryMs;
     try {
       const headers = { Accept: "text/event-stream", ...authHeaders() };
       if (lastId) headers["Last-Event-ID"] = lastId;
@@ -26,7 +27,9 @@ export async function followEvents(url, { signal, onEvent, onError, lastEventId 
           /* keep the status line */
         }
         onError?.(msg);
-        if (res.status >= 400 && res.status < 500) return; // 404, 401: retrying will not help
+        // 429: this browser holds too many open streams (CONVLENS_MAX_SSE_PER_CLIENT); one may close soon.
+        if (res.status === 429) waitMs = Math.max(retryMs, 1000 * (Number(res.headers.get("Retry-After")) || 5));
+        else if (res.status >= 400 && res.status < 500) return; // 404, 401: retrying will not help
       } else {
         const reader = res.body.getReader();
         const decoder = new TextDecoder();
@@ -71,6 +74,6 @@ export async function followEvents(url, { signal, onEvent, onError, lastEventId 
       if (signal.aborted || e.name === "AbortError") return;
       onError?.(`the event stream dropped (${e.message}); reconnecting`);
     }
-    await new Promise((r) => setTimeout(r, retryMs));
+    await new Promise((r) => setTimeout(r, waitMs));
   }
 }

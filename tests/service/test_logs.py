@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.logs import JsonFormatter, RequestIdFilter, TextFormatter, redact
+from models.logs import JsonFormatter, RequestIdFilter, TextFormatter, redact
 from tests.helpers import ROOT, free_port, link_copy
 from tests.service.conftest import make_client
 

@@ -223,18 +223,21 @@ def redis_stack(tmp_path: Path, synthetic_data: Path, queue_name: str) -> Iterat
 
 @dataclass
 class RedisServer:
-    """A private redis-server on a free port (no persistence), so a test can restart it."""
+    """A private redis-server on a free port (no persistence), so a test can restart it; `password`: requirepass."""
 
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
         cmd += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        cmd += ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: redis_up(self.url), 10, f"redis-server on port {self.port}")
         return self

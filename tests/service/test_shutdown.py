@@ -1,0 +1,172 @@
+"""Graceful shutdown of the production entry point (`convlens serve`, i.e. service.server.serve) on SIGTERM.
+
+A request in flight finishes with its full answer, new connections are refused at once, the process exits 0, and an
+open event stream ends at once instead of holding the shutdown until CONVLENS_SHUTDOWN_TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT, add_run, free_port
+
+EXIT_BOUND_S = 8.0  # SIGTERM to exit, once nothing is in flight; far below the graceful timeouts set below
+
+
+@dataclass
+class Serve:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the server log after {timeout}s:\n{self.log()[-3000:]}")
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+    """Start `python -m worker.cli serve` (what `convlens serve` runs) on a free port; killed by PID at teardown."""
+    started: list[Serve] = []
+
+    def start(home: Path, data: Path, **env: str) -> Serve:
+        port = free_port()
+        full_env = {
+            **os.environ,
+            "CONVLENS_HOME": str(home),
+            "CONVLENS_DATA_DIR": str(data),
+            "CONVLENS_PORT": str(port),
+            "CONVLENS_EMBEDDED_WORKER": "false",
+            "CONVLENS_TORCH_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            **env,
+        }
+        log_path = tmp_path / f"serve-{port}.log"
+        with log_path.open("wb") as f:
+            cmd = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port)]
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT)
+        s = Serve(f"http://127.0.0.1:{port}", proc, log_path)
+        started.append(s)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{s.log()[-3000:]}"
+            try:
+                if httpx.get(s.url + "/health", timeout=1).status_code == 200:
+                    return s
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"serve did not answer /health:\n{s.log()[-3000:]}")
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            os.kill(s.proc.pid, signal.SIGKILL)
+            s.proc.wait(10)
+
+
+def in_flight(url: str) -> float:
+    """The server's convlens_http_requests_in_flight gauge (this scrape counts as one)."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    line = next(x for x in text.splitlines() if x.startswith("convlens_http_requests_in_flight "))
+    return float(line.split()[1])
+
+
+def test_sigterm_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_0(
+    serve: Callable[..., Serve], home: Path, synthetic_data: Path, test_pngs: list[bytes]
+) -> None:
+    s = serve(home, synthetic_data)
+    files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(test_pngs)]
+    path = "/predict?model=tiny&top_k=10"
+    reference = httpx.post(s.url + path, files=files, timeout=60)
+    assert reference.status_code == 200, reference.text
+    assert len(reference.json()["predictions"]) == len(test_pngs) == 64
+
+    # The same request, its body held back halfway: it is in flight (the app has it) until we let the rest go.
+    req = httpx.Request("POST", s.url + path, files=files)
+    body = req.read()
+    half = len(body) // 2
+    release = threading.Event()
+
+    def chunks() -> Iterator[bytes]:
+        yield body[:half]
+        release.wait(30)
+        yield body[half:]
+
+    headers = {"content-type": req.headers["content-type"], "content-length": str(len(body))}
+    answer: dict[str, httpx.Response | BaseException] = {}
+
+    def send() -> None:
+        try:
+            answer["r"] = httpx.post(s.url + path, content=chunks(), headers=headers, timeout=60)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertions below
+            answer["r"] = e
+
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while in_flight(s.url) < 2:  # our request and this scrape
+            assert time.monotonic() < deadline, "the held-back request never reached the app"
+            time.sleep(0.02)
+
+        sigterm_at = time.monotonic()
+        os.kill(s.proc.pid, signal.SIGTERM)
+        s.wait_log('"Shutting down"')  # uvicorn closes its listening socket right after this line
+        time.sleep(0.1)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(s.url + "/health", timeout=3)
+        assert t.is_alive() and s.proc.poll() is None, "the server did not wait for the request in flight"
+    finally:
+        release.set()
+        t.join(60)
+    r = answer["r"]
+    assert isinstance(r, httpx.Response), r
+    assert r.status_code == 200, r.text
+    assert r.json() == reference.json()  # the full answer, identical to the one before SIGTERM
+    assert s.proc.wait(EXIT_BOUND_S) == 0
+    assert time.monotonic() - sigterm_at < EXIT_BOUND_S + 5, "shutdown took too long"
+    assert "Cancel " not in s.log()  # nothing was cut off by the graceful-shutdown timeout
+
+
+def test_an_open_event_stream_does_not_hold_the_shutdown(
+    serve: Callable[..., Serve], home: Path, synthetic_data: Path
+) -> None:
+    add_run(home, "waiting", status="queued")  # never finishes: nothing trains it
+    # A long graceful timeout: only the stream ending by itself can make the bound below.
+    s = serve(home, synthetic_data, CONVLENS_SHUTDOWN_TIMEOUT_S="60")
+    with (
+        httpx.Client(base_url=s.url, timeout=httpx.Timeout(10, read=30)) as client,
+        client.stream("GET", "/jobs/waiting/events", params={"heartbeat": 60}) as r,
+    ):
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data:") and '"queued"' in line:
+                break  # the stream is live: its first status event arrived
+        sigterm_at = time.monotonic()
+        os.kill(s.proc.pid, signal.SIGTERM)
+        rest = list(lines)  # until the server closes the stream
+        closed_after = time.monotonic() - sigterm_at
+    assert ": shutting down; reconnect with Last-Event-ID" in rest, rest
+    assert not any(x.startswith("event: end") for x in rest)  # the job did not end: the stream did
+    assert closed_after < EXIT_BOUND_S, f"the stream stayed open {closed_after:.1f}s after SIGTERM"
+    assert s.proc.wait(EXIT_BOUND_S) == 0
+    assert time.monotonic() - sigterm_at < EXIT_BOUND_S + 1
