@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from models.errors import ConvLensError
 from models.runs import RunStore
 from models.shipped import SHIPPED_DIR, SHIPPED_ID
-from service import auth, errors
+from service import auth, errors, limits
 from service.batching import Batcher
 from service.jobs_sse import StreamLimiter
 from service.logs import RequestIdMiddleware
@@ -91,11 +91,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # served by routes/ui.py from the bundled Swagger UI: /docs works without internet
         # CONVLENS_AUTH=all: a key on every route but /health and the web page (require_read_access says which).
         dependencies=[auth.ReadAccess] if settings.auth == "all" else None,
-        responses={401: auth.AUTH_401} if settings.auth == "all" else None,
+        responses={**limits.RESPONSES, **({401: auth.AUTH_401} if settings.auth == "all" else {})},
     )
     app.state.settings, app.state.metrics = settings, metrics
     app.state.sse_limiter = StreamLimiter(settings.max_sse_per_client)
     errors.install(app)
+    limits.install(app, settings.max_upload_bytes, settings.max_url_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     auth: Literal["writes", "all"] = "writes"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_url_bytes: int = Field(
+        16384, ge=256, le=65536, description="longest path + query string, percent-encoded; longer: 414"
+    )
     max_image_pixels: int = Field(16_000_000, ge=1024, description="checked from the header, before decoding")
     max_images_per_request: int = Field(64, ge=1, le=4096)
     max_top_k: int = Field(100, ge=1)
