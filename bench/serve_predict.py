@@ -169,6 +169,12 @@ def wrk(url: str, conns: int, seconds: float, script: Path, env: dict[str, str])
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batch_counters(server: Server) -> tuple[float, float]:
     """(images, forward passes) so far, from the service's /metrics."""
     text = httpx.get(server.url + "/metrics").text
@@ -183,13 +189,15 @@ def drive(server: Server, path: str, levels: list[int], seconds: float, script: 
     rows = []
     for c in levels:
         before = batch_counters(server) if service else (0.0, 0.0)
+        cpu0 = cpu_seconds(server.proc.pid)
         row = wrk(server.url + path, c, seconds, script, env)
+        row["cpu_ms_per_req"] = (cpu_seconds(server.proc.pid) - cpu0) * 1000 / max(1, row["requests"])
         if service:
             after = batch_counters(server)
             row["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
         rows.append(row)
         print(f"  c={c:<3d} {row['rps']:7.1f} req/s  p50 {row['p50_ms']:6.1f} ms  p95 {row['p95_ms']:6.1f} ms  "
-              f"p99 {row['p99_ms']:6.1f} ms  errors {row['errors']}"
+              f"p99 {row['p99_ms']:6.1f} ms  errors {row['errors']}  cpu {row['cpu_ms_per_req']:.2f} ms/req"
               + (f"  mean batch {row['mean_batch']:.1f}" if service else ""), flush=True)  # fmt: skip
     return rows
 
@@ -239,6 +247,30 @@ def naive_app() -> Any:
     return app
 
 
+def floor_app() -> Any:
+    """The HTTP floor: the same upload, decode and eval transform as /predict, and no model at all.
+
+    Its throughput bounds what any Python server on these cores can do before a single forward pass: the
+    service pays this per request plus the model's share (1 / ceiling per image) on the same cores.
+    """
+    meta = {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "input_size": 32}
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/predict")
+    async def predict(files: list[UploadFile] = File(...)) -> dict[str, Any]:
+        preds = []
+        for f in files:
+            x = prepare(await f.read(), meta, ImageLimits())
+            preds.append([{"name": CLASSES[0], "index": 0, "probability": float(x.shape[0])}])
+        return {"predictions": preds}
+
+    return app
+
+
 # ---- main -----------------------------------------------------------------------------------------------------------
 
 
@@ -253,6 +285,7 @@ def main() -> None:
     ap.add_argument("--json-body", action="store_true", help="send base64 JSON instead of multipart")
     ap.add_argument("--torch-threads", type=int, help="torch threads everywhere (default: torch's own, the cores)")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--skip-floor", action="store_true", help="skip the no-model HTTP floor")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -292,6 +325,11 @@ def main() -> None:
             with start_server(home, log_dir=tmp, env=naive_env, app="bench.serve_predict:naive_app",
                               torch_threads=None) as naive:  # fmt: skip
                 results["naive"] = drive(naive, "/predict", args.concurrency, args.duration, script, env, False)
+        if not args.skip_floor and not args.json_body:
+            top = [max(args.concurrency)]
+            print("HTTP floor (upload + decode + transform, no model)")
+            with start_server(home, log_dir=tmp, app="bench.serve_predict:floor_app", torch_threads=1) as floor:
+                results["floor"] = drive(floor, "/predict", top, args.duration, script, env, False)
         report(results)
         if args.out:
             args.out.write_text(json.dumps(results, indent=2))
@@ -311,6 +349,15 @@ def report(results: dict[str, Any]) -> None:
         naive = {r["concurrency"]: r for r in results["naive"]}
         ratio = svc[top]["rps"] / max(naive[top]["rps"], 1e-9)
         print(f"service / naive @ c={top}: {ratio:.1f}x ({naive[top]['rps']:.0f} req/s)")
+    if "floor" in results:
+        # CPU arithmetic: each request costs the floor's CPU (HTTP, multipart, decode, transform, JSON) plus the
+        # model's share (the ceiling keeps every core busy); the cores bound their sum, whatever the design.
+        floor, cores = results["floor"][0], os.cpu_count() or 1
+        model_ms = cores * 1000 / best_ceiling
+        bound = cores * 1000 / (floor["cpu_ms_per_req"] + model_ms)
+        print(f"HTTP floor @ c={top} (no model): {floor['rps']:.0f} req/s, {floor['cpu_ms_per_req']:.2f} CPU-ms a "
+              f"request; the model {model_ms:.2f} CPU-ms an image; so at most {bound:.0f} req/s on {cores} cores "
+              f"= {bound / best_ceiling:.0%} of the ceiling")  # fmt: skip
     if 32 in svc:
         print(f"p99 @ c=32: {svc[32]['p99_ms']:.1f} ms")
     print(f"errors: service {sum(r['errors'] for r in results['service'])}"

@@ -2,7 +2,14 @@
 
 For one image and both stems, project all 64 conv1 and all 512 layer4 channels in one batched pass, and
 compare with a loop of single-channel passes in the same process (target: batched >= 10x faster). Then time
-building the top-k index over N test images. Run: `.venv/bin/python bench/visualize.py [--n 10000]`.
+building the top-k index over N test images. Run: `.venv/bin/python bench/visualize.py [--n 10000]`
+(`--topk-archs` with no value skips the index; `--clock cpu` times CPU, steadier on a shared machine).
+
+The CIFAR stem's layer4 misses the target on a CPU, and must: its per-channel loop is compute-bound, not
+overhead-bound. One channel costs a forward (1.11 GFLOP) and a reverse pass (1.04 GFLOP) with 32x32 maps, ~43
+GFLOP/s at batch 1 on one core here, while the batched pass still does the 1.04 GFLOP of reverse arithmetic per
+channel (no exact shortcut: the seed fills the channel's map, the signal is dense from the first reverse block
+on). Measured: ~80 GFLOP/s batched, ~90% of the core's sgemm peak (86), so ~3.8x; even at peak it is ~4x.
 """
 
 from __future__ import annotations
@@ -20,21 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run standalone f
 
 from models.data import DATASETS, load_cifar, normalize  # noqa: E402
 from models.errors import DatasetMissing  # noqa: E402
-from models.resnet import ARCHS, ResNet18, build_model  # noqa: E402
+from models.resnet import ARCHS, LAYER_NAMES, ResNet18, build_model  # noqa: E402
 from models.reverse import ReverseResNet, make_seeds, reconstruct  # noqa: E402
 from models.visual import build_topk_index  # noqa: E402
 
 INFO = DATASETS["cifar10"]
 
 
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time of `repeat` calls, after one warm-up call."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time, all threads
+
+
+def timed(fn: Callable[[], object], repeat: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median time of `repeat` calls, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times)
 
 
@@ -51,26 +61,28 @@ def test_images(root: Path, n: int) -> tuple[torch.Tensor, str]:
     return images[:n], source
 
 
-def bench_reverse(model: ResNet18, image: torch.Tensor, layer: str, repeat: int) -> None:
+def bench_reverse(
+    model: ResNet18, image: torch.Tensor, layer: str, repeat: int, clock: Callable[[], float] = time.perf_counter
+) -> None:
     """All channels batched vs a loop of single-channel passes, for one image and layer."""
     batched = reconstruct(model, image, layer)
     channels = batched.channels
-    t_batched = timed(lambda: reconstruct(model, image, layer), repeat)
+    t_batched = timed(lambda: reconstruct(model, image, layer), repeat, clock)
 
     # Baseline 1: what a naive endpoint does per channel, a whole reconstruct() (forward + reverse) each.
-    t = time.perf_counter()
+    t = clock()
     singles = [reconstruct(model, image, layer, channels=[c]).projections for c in channels]
-    t_loop = time.perf_counter() - t
+    t_loop = clock() - t
 
     # Baseline 2: one recorded forward, then one dense reverse pass per channel (the seed's reverse network).
     rev = ReverseResNet(model)
     with torch.no_grad():
         rec = rev.record(image.unsqueeze(0), layer)
         act = rec.activations[layer][0]
-        t = time.perf_counter()
+        t = clock()
         for c in channels:
             rev(make_seeds(act, [c], "each", "activation"), rec, layer)
-        t_reverse_loop = time.perf_counter() - t
+        t_reverse_loop = clock() - t
 
     diff = float((torch.cat(singles) - batched.projections).abs().max() / batched.projections.abs().max())
     print(
@@ -89,19 +101,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repeats of each batched pass (median)")
     parser.add_argument("--archs", nargs="*", default=list(ARCHS), choices=ARCHS)
-    parser.add_argument("--topk-archs", nargs="*", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--layers", nargs="*", default=["conv1", "layer4"], choices=LAYER_NAMES)
+    parser.add_argument("--topk-archs", nargs="*", default=list(ARCHS), choices=ARCHS, help="none: skip the index")
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help="what the reverse timings measure")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images, source = test_images(args.data, args.n)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); images: {source}; random weights")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); images: {source}; random weights; "
+        f"{args.clock} time"
+    )
     image = normalize(images[:1], INFO.mean, INFO.std)[0]
     models = {arch: build_model(arch).eval() for arch in ARCHS}
     for arch in args.archs:
         print(f"{arch}: one 32x32 image, deconvnet, shortcut=sum")
-        for layer in ("conv1", "layer4"):
-            bench_reverse(models[arch], image, layer, args.repeat)
+        for layer in args.layers:
+            bench_reverse(models[arch], image, layer, args.repeat, CLOCKS[args.clock])
     for arch in args.topk_archs:
         fractions: list[float] = []
         t = time.perf_counter()

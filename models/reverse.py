@@ -75,22 +75,118 @@ def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     return scale.view(1, -1, 1, 1)
 
 
-def conv_transpose(
-    g: torch.Tensor, conv: nn.Conv2d, in_size: tuple[int, int], weight: torch.Tensor | None = None, groups: int = 1
-) -> torch.Tensor:
-    """Transpose of a bias-free conv, with the output_padding that restores the forward input's size."""
-    stride, padding, dilation = conv.stride, conv.padding, conv.dilation
-    if isinstance(padding, str):
-        raise InvalidArgument("string padding cannot be reversed")
-    k = conv.kernel_size
-    out_padding = tuple(
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """The conv's weight with its eval BN's scale folded in, per output channel: (g * scale) run through the
+    transposed conv equals g run through it with weight * scale."""
+    return conv.weight * bn_scale(bn).view(-1, 1, 1, 1)
+
+
+# Batches of at least this many signals run a conv's transpose with its BN-folded weight (made once per reverse
+# network: a pass over the weight) instead of scaling the signal (a pass over the signal, every time).
+FOLD_MIN_BATCH = 8
+# On CPU, reconstruct() runs as many seeds per reverse pass as keep its widest signal (the stem's 64-channel map)
+# within this many bytes. Measured on the 2-core EPYC (32 MiB L3, CPU time): 64 CIFAR-stem seeds a pass (16 MiB
+# signals) ran ~1.1x faster than 256 (64 MiB, out of cache), 16 and 32 no faster; the seed stem's 16x16 stem map
+# gives 256 a pass, which beat 64 there by ~1.15x.
+CHUNK_BYTES = 16 << 20
+
+
+Crop = tuple[tuple[int, int], tuple[int, int]]  # (first, last) kernel tap kept, per spatial dim
+
+
+def _out_padding(
+    g: torch.Tensor,
+    in_size: tuple[int, int],
+    k: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> tuple[int, ...]:
+    """The output_padding that makes a transposed conv of g return the forward input's size."""
+    return tuple(
         in_size[d] - ((g.shape[-2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (k[d] - 1) + 1) for d in (0, 1)
     )
+
+
+def _cropped(conv: nn.Conv2d, crop: Crop | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The kernel size and padding of the conv with its kernel cut to `crop`'s taps."""
+    padding, dilation = conv.padding, conv.dilation
+    if isinstance(padding, str):
+        raise InvalidArgument("string padding cannot be reversed")
+    if crop is None:
+        return tuple(conv.kernel_size), tuple(padding)
+    return tuple(hi - lo + 1 for lo, hi in crop), tuple(padding[d] - crop[d][0] * dilation[d] for d in (0, 1))
+
+
+def live_taps(conv: nn.Conv2d, g: torch.Tensor, in_size: tuple[int, int]) -> Crop | None:
+    """The taps of the conv's kernel that carry some position of the signal g to the forward input, when that
+    drops any: a map smaller than the kernel (the seed stem's 1x1 layer4 under 3x3 kernels) reaches the padding
+    only through the outer taps. Tap t sends signal position i to input position i * stride + t * dilation -
+    padding; a cut kernel keeps every other tap in its place (the padding shrinks by the taps cut before it)."""
+    k, stride, padding, dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    if isinstance(padding, str):
+        return None
+    ends = []
+    for d in (0, 1):
+        last = (g.shape[-2 + d] - 1) * stride[d]  # the last signal position, times the stride
+        live = [t for t in range(k[d]) if last + t * dilation[d] >= padding[d] > t * dilation[d] - in_size[d]]
+        ends.append((live[0], live[-1]) if live else (0, k[d] - 1))
+    cut = (ends[0], ends[1])
+    if cut == ((0, k[0] - 1), (0, k[1] - 1)):
+        return None
+    k_cut, padding_cut = _cropped(conv, cut)
+    out_padding = _out_padding(g, in_size, k_cut, stride, padding_cut, dilation)
+    if min(padding_cut) < 0 or not all(0 <= out_padding[d] < max(stride[d], dilation[d]) for d in (0, 1)):
+        return None  # not expressible as a transposed conv: keep the whole kernel
+    return cut
+
+
+def conv_transpose(
+    g: torch.Tensor,
+    conv: nn.Conv2d,
+    in_size: tuple[int, int],
+    weight: torch.Tensor | None = None,
+    groups: int = 1,
+    crop: Crop | None = None,
+) -> torch.Tensor:
+    """Transpose of a bias-free conv, with the output_padding that restores the forward input's size.
+
+    `weight` replaces the conv's own (a BN-folded or channel-selected one); `crop`: it is cut to these taps.
+    """
+    k, padding = _cropped(conv, crop)
+    stride, dilation = conv.stride, conv.dilation
+    out_padding = _out_padding(g, in_size, k, stride, padding, dilation)
     w = conv.weight if weight is None else weight
-    if groups == 1 and g.shape[-2] * g.shape[-1] >= 64:
-        # Measured on CPU: channels-last runs the big-map transposed convs ~1.3-1.6x faster; small maps lose.
+    if groups == 1 and (g.shape[0] >= 16 or g.shape[-2] * g.shape[-1] >= 64):
+        # Measured on CPU (oneDNN): channels-last runs these transposed convs ~1.2-1.6x faster, except one signal's
+        # small map (a 4x4 map alone is faster in NCHW). The output keeps the memory format.
         g = g.contiguous(memory_format=torch.channels_last)
     return F.conv_transpose2d(g, w, None, stride, padding, out_padding, groups * conv.groups, dilation)
+
+
+def bn_conv_transpose(
+    g: torch.Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    in_size: tuple[int, int],
+    folded: dict[str, torch.Tensor],
+    key: str,
+) -> torch.Tensor:
+    """(conv then eval BN)^T of a dense signal (K, C_out, h, w): BN scale, then the transposed conv.
+
+    From FOLD_MIN_BATCH signals on, with the BN-folded weight, cut to its live taps (see live_taps), made once and
+    kept in `folded`: making it costs a pass over the weight, which only a batch repays.
+    """
+    if g.shape[0] < FOLD_MIN_BATCH:
+        return conv_transpose(g * bn_scale(bn), conv, in_size)
+    crop = live_taps(conv, g, in_size)
+    name = key if crop is None else f"{key}{crop}"
+    if name not in folded:
+        w = fold_bn(conv, bn)
+        if crop is not None:
+            w = w[:, :, crop[0][0] : crop[0][1] + 1, crop[1][0] : crop[1][1] + 1].contiguous()
+        folded[name] = w
+    return conv_transpose(g, conv, in_size, folded[name], crop=crop)
 
 
 def conv_transpose_channels(
@@ -113,20 +209,34 @@ def pick_channels(t: torch.Tensor, channels: list[int]) -> torch.Tensor:
 
 
 def unpool_scatter_add(g: torch.Tensor, indices: torch.Tensor, in_size: tuple[int, int]) -> torch.Tensor:
-    """Route each pooled signal to its recorded argmax and add where windows overlap (max-pool's transpose)."""
+    """Route each pooled signal to its recorded argmax and add where windows overlap (max-pool's transpose).
+
+    A channels-last signal is scattered along the spatial axis of its (K, h*w, C) view, and the result stays
+    channels-last (no conversion either way).
+    """
     k, c = g.shape[:2]
+    if g.dim() == 4 and g.is_contiguous(memory_format=torch.channels_last):
+        out = g.new_zeros(k, in_size[0] * in_size[1], c)
+        index = indices.flatten(2).transpose(1, 2).expand(k, -1, -1)
+        out.scatter_add_(1, index, g.permute(0, 2, 3, 1).reshape(k, -1, c))
+        return out.view(k, *in_size, c).permute(0, 3, 1, 2)
     out = g.new_zeros(k, c, in_size[0] * in_size[1])
     out.scatter_add_(2, indices.flatten(2).expand(k, -1, -1), g.flatten(2))
     return out.view(k, c, *in_size)
 
 
 class ReverseBlock(nn.Module):
-    """The reverse of one BasicBlock, holding the forward block (and so its weights)."""
+    """The reverse of one BasicBlock, holding the forward block (and so its weights).
 
-    def __init__(self, block: BasicBlock, name: str) -> None:
+    `folded` holds BN-folded weights, shared across the reverse network and made on first use (see
+    bn_conv_transpose): make a new reverse network after changing the forward network's weights.
+    """
+
+    def __init__(self, block: BasicBlock, name: str, folded: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.block = block
         self.name = name
+        self.folded = {} if folded is None else folded
 
     def record(self, x: torch.Tensor, rec: ForwardRecord) -> torch.Tensor:
         """The block's forward, noting conv input sizes and ReLU signs (mirrors BasicBlock.forward)."""
@@ -144,22 +254,44 @@ class ReverseBlock(nn.Module):
         rec.masks[f"{n}.relu2"] = out > 0
         return out
 
-    def forward(self, g: torch.Tensor, rec: ForwardRecord, rule: Rule, shortcut: Shortcut) -> torch.Tensor:
-        """Signal at the block output -> signal at its input: g = relu(g_out); F^T(g) + S^T(g) per `shortcut`."""
-        b, n = self.block, self.name
-        g = _relu_t(g, rec.masks[f"{n}.relu2"], rule)
+    def _conv_bn(self, which: str) -> tuple[nn.Conv2d, nn.BatchNorm2d, str]:
+        """`conv1`, `conv2` or `downsample` -> that conv, the BN after it, and the conv's module name."""
+        b = self.block
+        if which == "downsample":
+            assert b.downsample is not None
+            conv, bn = b.downsample[0], b.downsample[1]
+            assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+            return conv, bn, f"{self.name}.downsample.0"
+        return getattr(b, which), getattr(b, which.replace("conv", "bn")), f"{self.name}.{which}"
+
+    def _conv_t(self, g: torch.Tensor, which: str, rec: ForwardRecord) -> torch.Tensor:
+        """(conv then BN)^T of the named conv on a dense signal (K, C_out, h, w)."""
+        conv, bn, key = self._conv_bn(which)
+        return bn_conv_transpose(g, conv, bn, rec.sizes[key], self.folded, key)
+
+    def _conv_t_channels(self, g: torch.Tensor, which: str, channels: list[int], rec: ForwardRecord) -> torch.Tensor:
+        """(conv then BN)^T of the named conv on K one-channel signals g (1, K, h, w) -> (K, C_in, H, W)."""
+        conv, bn, key = self._conv_bn(which)
+        return conv_transpose_channels(g * bn_scale(bn)[:, channels], conv, channels, rec.sizes[key])
+
+    def _residual_t(self, r: torch.Tensor, rec: ForwardRecord, rule: Rule) -> torch.Tensor:
+        """From the signal after conv2's transpose (overwritten) to the block input: relu1^T, then (conv1, bn1)^T."""
+        return self._conv_t(_relu_t(r, rec.masks[f"{self.name}.relu1"], rule, inplace=True), "conv1", rec)
+
+    def forward(
+        self, g: torch.Tensor, rec: ForwardRecord, rule: Rule, shortcut: Shortcut, inplace: bool = False
+    ) -> torch.Tensor:
+        """Signal at the block output -> signal at its input: g = relu(g_out); F^T(g) + S^T(g) per `shortcut`.
+
+        `inplace`: the caller hands g_out over, and it may be overwritten.
+        """
+        g = _relu_t(g, rec.masks[f"{self.name}.relu2"], rule, inplace)
         out: torch.Tensor | None = None
         if shortcut in ("sum", "residual"):
-            r = conv_transpose(g * bn_scale(b.bn2), b.conv2, rec.sizes[f"{n}.conv2"])
-            r = _relu_t(r, rec.masks[f"{n}.relu1"], rule)
-            out = conv_transpose(r * bn_scale(b.bn1), b.conv1, rec.sizes[f"{n}.conv1"])
+            out = self._residual_t(self._conv_t(g, "conv2", rec), rec, rule)
         if shortcut in ("sum", "identity"):
-            s = g
-            if b.downsample is not None:
-                conv, bn = b.downsample[0], b.downsample[1]
-                assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-                s = conv_transpose(g * bn_scale(bn), conv, rec.sizes[f"{n}.downsample.0"])
-            out = s if out is None else out + s
+            s = g if self.block.downsample is None else self._conv_t(g, "downsample", rec)
+            out = s if out is None else out.add_(s)
         assert out is not None
         return out
 
@@ -171,21 +303,17 @@ class ReverseBlock(nn.Module):
         g = _relu_t(v, pick_channels(rec.masks[f"{n}.relu2"], channels), rule)
         out: torch.Tensor | None = None
         if shortcut in ("sum", "residual"):
-            scale = bn_scale(b.bn2)[:, channels]
-            r = conv_transpose_channels(g * scale, b.conv2, channels, rec.sizes[f"{n}.conv2"])
-            r = _relu_t(r, rec.masks[f"{n}.relu1"], rule)
-            out = conv_transpose(r * bn_scale(b.bn1), b.conv1, rec.sizes[f"{n}.conv1"])
+            out = self._residual_t(self._conv_t_channels(g, "conv2", channels, rec), rec, rule)
         if shortcut in ("sum", "identity"):
             if b.downsample is not None:
-                conv, bn = b.downsample[0], b.downsample[1]
-                assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-                scale = bn_scale(bn)[:, channels]
-                s = conv_transpose_channels(g * scale, conv, channels, rec.sizes[f"{n}.downsample.0"])
+                s = self._conv_t_channels(g, "downsample", channels, rec)
+                out = s if out is None else out.add_(s)
             else:
-                k = len(channels)
-                s = g.new_zeros(k, b.bn2.num_features, *g.shape[-2:])
-                s[torch.arange(k, device=g.device), torch.tensor(channels, device=g.device)] = g[0]
-            out = s if out is None else out + s
+                # The identity shortcut: seed k's signal adds into channel channels[k] of its projection.
+                if out is None:
+                    out = g.new_zeros(len(channels), b.bn2.num_features, *g.shape[-2:])
+                index = (torch.arange(len(channels), device=g.device), torch.tensor(channels, device=g.device))
+                out.index_put_(index, g[0], accumulate=True)
         assert out is not None
         return out
 
@@ -200,8 +328,14 @@ def _check_start(rec: ForwardRecord, start: str, rule: str, shortcut: str) -> st
     return start
 
 
-def _relu_t(g: torch.Tensor, mask: torch.Tensor, rule: Rule) -> torch.Tensor:
-    """A ReLU run backwards: rectify the signal; guided also keeps only where the forward ReLU passed."""
+def _relu_t(g: torch.Tensor, mask: torch.Tensor, rule: Rule, inplace: bool = False) -> torch.Tensor:
+    """A ReLU run backwards: rectify the signal; guided also keeps only where the forward ReLU passed.
+
+    `inplace` overwrites g (for signals the reverse pass owns: it saves a full-size allocation and pass).
+    """
+    if inplace:
+        g = g.relu_()
+        return g.mul_(mask) if rule == "guided" else g
     g = F.relu(g)
     return g * mask if rule == "guided" else g
 
@@ -212,7 +346,10 @@ class ReverseResNet(nn.Module):
     def __init__(self, model: ResNet18) -> None:
         super().__init__()
         self.model = model
-        self.stages = {s: [ReverseBlock(b, f"{s}.{i}") for i, b in enumerate(getattr(model, s))] for s in STAGES}
+        self.folded: dict[str, torch.Tensor] = {}  # BN-folded weights by conv name, made on first use
+        self.stages = {
+            s: [ReverseBlock(b, f"{s}.{i}", self.folded) for i, b in enumerate(getattr(model, s))] for s in STAGES
+        }
         self.blocks = nn.ModuleList([rb for s in STAGES for rb in self.stages[s]])  # registered, in forward order
 
     def unpool(self, g: torch.Tensor, rec: ForwardRecord) -> torch.Tensor:
@@ -258,9 +395,10 @@ class ReverseResNet(nn.Module):
             g = (g @ m.fc.weight).view(g.shape[0], -1, 1, 1)  # fc^T
             g = g.expand(-1, -1, act.shape[-2], act.shape[-1]) / (act.shape[-2] * act.shape[-1])  # avgpool^T
             start = "layer4"
-        for rb in self._blocks_below(start):
-            g = rb(g, rec, rule, shortcut)
-        return self._stem_t(g, rec, rule, start != "conv1")
+        blocks = self._blocks_below(start)
+        for i, rb in enumerate(blocks):
+            g = rb(g, rec, rule, shortcut, inplace=i > 0)
+        return self._stem_t(g, rec, rule, start != "conv1", inplace=bool(blocks))
 
     def forward_channels(
         self,
@@ -284,8 +422,8 @@ class ReverseResNet(nn.Module):
         blocks = self._blocks_below(start)
         g = blocks[0].forward_channels(v, channels, rec, rule, shortcut)
         for rb in blocks[1:]:
-            g = rb(g, rec, rule, shortcut)
-        return self._stem_t(g, rec, rule, True)
+            g = rb(g, rec, rule, shortcut, inplace=True)
+        return self._stem_t(g, rec, rule, True, inplace=True)
 
     def _blocks_below(self, start: str) -> list[ReverseBlock]:
         """The blocks from a named layer down to the stem, in reverse order."""
@@ -293,13 +431,18 @@ class ReverseResNet(nn.Module):
             return []
         return [rb for stage in reversed(STAGES[: STAGES.index(start) + 1]) for rb in reversed(self.stages[stage])]
 
-    def _stem_t(self, g: torch.Tensor, rec: ForwardRecord, rule: Rule, unpool: bool) -> torch.Tensor:
-        """Max-pool (when the signal comes from above it), stem ReLU, BN and conv, reversed."""
-        m = self.model
+    def _stem_t(
+        self, g: torch.Tensor, rec: ForwardRecord, rule: Rule, unpool: bool, inplace: bool = False
+    ) -> torch.Tensor:
+        """Max-pool (when the signal comes from above it), stem ReLU, BN and conv, reversed.
+
+        `inplace`: the caller hands over g (it may be overwritten).
+        """
         if unpool and rec.pool_indices is not None:
-            g = self.unpool(g, rec)
-        g = _relu_t(g, rec.masks["relu"], rule)
-        return conv_transpose(g * bn_scale(m.bn1), m.conv1, rec.sizes["conv1"]).contiguous()
+            g, inplace = self.unpool(g, rec), True
+        g = _relu_t(g, rec.masks["relu"], rule, inplace)
+        m = self.model
+        return bn_conv_transpose(g, m.conv1, m.bn1, rec.sizes["conv1"], self.folded, "conv1").contiguous()
 
 
 def _as_batch(model: ResNet18, image: torch.Tensor) -> torch.Tensor:
@@ -369,6 +512,14 @@ def _stats(act: torch.Tensor, channels: list[int]) -> tuple[list[float], list[fl
     return flat.amax(1).tolist(), flat.mean(1).tolist(), [(int(p) // w, int(p) % w) for p in pos]
 
 
+def auto_chunk(rec: ForwardRecord) -> int:
+    """Seeds per reverse pass: on CPU as many as keep the stem's 64-channel signal within CHUNK_BYTES, else 256."""
+    stem = rec.activations["conv1"]
+    if stem.device.type != "cpu":
+        return 256
+    return max(1, CHUNK_BYTES // (stem[0].numel() * stem.element_size()))
+
+
 def reconstruct(
     model: ResNet18,
     image: torch.Tensor,
@@ -378,13 +529,15 @@ def reconstruct(
     seed: Seed = "activation",
     rule: Rule = "deconvnet",
     shortcut: Shortcut = "sum",
-    chunk: int = 256,
+    chunk: int | None = None,
 ) -> Reconstruction:
     """Project a layer's activation for one normalised image (3, H, W) back to input space, seeds batched.
 
     `channels`: "all", a list of indices, or an int N = the N channels with the strongest (max) activation.
     `mode=each`: one projection per channel (that channel kept, the others zeroed); `whole`: one projection of
     the chosen channels together. `seed=argmax` keeps only each channel's strongest position (its value).
+    `chunk`: seeds per reverse pass (default: auto_chunk). A channel whose seed is all zero projects to exactly
+    zero (the reverse network has no biases), so only the others run.
     """
     _require_eval(model)
     for name, value, choices in (("mode", mode, MODES), ("seed", seed, SEEDS), ("rule", rule, RULES)):
@@ -399,12 +552,22 @@ def reconstruct(
         if mode == "whole":
             proj = rev(make_seeds(act, chosen, mode, seed), rec, canon, rule, shortcut)
         else:
-            values = seed_values(act, chosen, seed)
+            values, kept = seed_values(act, chosen, seed), chosen
+            live = values.flatten(1).any(1)
+            keep = None if bool(live.all()) else live.nonzero().flatten()
+            if keep is not None:  # an all-zero seed projects to exactly zero: run only the others
+                values, kept = values[keep], [chosen[i] for i in keep.tolist()]
+            step = chunk or auto_chunk(rec)
             parts = [
-                rev.forward_channels(values[i : i + chunk], chosen[i : i + chunk], rec, canon, rule, shortcut)
-                for i in range(0, len(chosen), chunk)
+                rev.forward_channels(values[i : i + step], kept[i : i + step], rec, canon, rule, shortcut)
+                for i in range(0, len(kept), step)
             ]
-            proj = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if keep is None:
+                proj = torch.cat(parts) if len(parts) > 1 else parts[0]
+            else:
+                proj = act.new_zeros(len(chosen), model.conv1.in_channels, *rec.sizes["conv1"])
+                if parts:
+                    proj[keep] = torch.cat(parts)
     amax, amean, pos = _stats(act, chosen)
     return Reconstruction(proj, chosen, canon, tuple(act.shape), amax, amean, pos, mode, seed, rule, shortcut)
 

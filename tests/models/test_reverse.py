@@ -15,14 +15,18 @@ from models.errors import InvalidArgument, UnknownLayer
 from models.hooks import LayerRecorder
 from models.resnet import LAYER_NAMES, BasicBlock, ResNet18, build_model
 from models.reverse import (
+    FOLD_MIN_BATCH,
     ForwardRecord,
     ReverseResNet,
     Rule,
     bn_scale,
+    conv_transpose,
+    live_taps,
     make_seeds,
     project_classes,
     project_positions,
     reconstruct,
+    unpool_scatter_add,
 )
 
 SIZES = {"resnet18": 48, "resnet18-cifar": 16}  # both give layer4 a 2x2 map; small keeps float64 fast
@@ -247,6 +251,71 @@ def test_batched_all_channels_equals_single_channel_passes(arch: str, layer: str
         assert rel_err(batched.projections, singles) < 1e-12
     chunked = reconstruct(model, image, layer, chunk=7)
     torch.testing.assert_close(chunked.projections, reconstruct(model, image, layer).projections, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("rule", ["deconvnet", "guided"])
+def test_folded_batches_and_dead_channels_match_autograd(arch_model: Any, rule: Rule) -> None:
+    """From FOLD_MIN_BATCH seeds a pass, the BN-folded weights run; a dead channel (all-zero seed) is skipped."""
+    _, model, image = arch_model
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.layer4[1].bn2.bias[5] = -1e6  # channel 5 of layer4 is zero everywhere, for any image
+    channels = [5, *range(6, 6 + FOLD_MIN_BATCH + 1)]
+    for chunk in (None, FOLD_MIN_BATCH):
+        got = reconstruct(model, image, "layer4", channels=channels, rule=rule, chunk=chunk)
+        act = layer_act(model, image, "layer4")
+        assert not act[5].any() and act[channels[1:]].flatten(1).any(1).all()
+        expected = autograd_projection(
+            reference_model(model, rule), image, "layer4", make_seeds(act, channels, "each", "activation")
+        )
+        assert not got.projections[0].any()
+        assert rel_err(got.projections, expected) < 1e-10
+
+
+def test_conv_transpose_equals_autograd_when_taps_are_cropped() -> None:
+    """Maps smaller than the kernel (a 1x1 map under a 3x3 conv): the taps that only reach padding are dropped."""
+    torch.manual_seed(0)
+    # (kernel, stride, padding, dilation, input height): inputs of 1 to 3 rows, and one the kernel fits (no crop)
+    cases = [(3, 1, 1, 1, 1), (3, 2, 1, 1, 2), (3, 2, 1, 1, 1), (7, 2, 3, 1, 3), (3, 1, 2, 2, 2), (5, 1, 2, 1, 1)]
+    for k, stride, padding, dilation, size in [*cases, (3, 1, 1, 1, 4)]:
+        conv = nn.Conv2d(4, 6, k, stride, padding, dilation, bias=False).double()
+        x = torch.randn(2, 4, size, size + 1, dtype=torch.float64, requires_grad=True)
+        y = conv(x)
+        g = torch.randn_like(y)
+        (expected,) = torch.autograd.grad(y, x, g)
+        crop = live_taps(conv, g, (size, size + 1))
+        assert (crop is None) == (size == 4), (k, stride, padding, dilation, size)
+        weight = conv.weight.detach()
+        if crop is not None:
+            weight = weight[:, :, crop[0][0] : crop[0][1] + 1, crop[1][0] : crop[1][1] + 1]
+        with torch.no_grad():
+            got = conv_transpose(g, conv, (size, size + 1), weight, crop=crop)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["deconvnet", "guided"])
+def test_one_by_one_layer4_matches_autograd(rule: Rule) -> None:
+    """32x32 through the seed stem: layer4 is 1x1, where batches run 3x3 transposes cut to their centre tap."""
+    model = random_model("resnet18")
+    image = torch.randn(3, 32, 32, dtype=torch.float64)
+    got = reconstruct(model, image, "layer4", channels=FOLD_MIN_BATCH + 2, rule=rule)
+    act = layer_act(model, image, "layer4")
+    assert act.shape[-2:] == (1, 1)
+    expected = autograd_projection(
+        reference_model(model, rule), image, "layer4", make_seeds(act, got.channels, "each", "activation")
+    )
+    assert rel_err(got.projections, expected) < 1e-10
+
+
+def test_unpool_channels_last_equals_contiguous() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 9, 8, dtype=torch.float64)
+    _, indices = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    g = torch.randn(3, 5, *indices.shape[-2:], dtype=torch.float64)
+    expected = unpool_scatter_add(g, indices, (9, 8))
+    got = unpool_scatter_add(g.contiguous(memory_format=torch.channels_last), indices, (9, 8))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-14)
 
 
 @torch.no_grad()
