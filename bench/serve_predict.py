@@ -217,11 +217,8 @@ def check_answers(server: Server, path: str, stem: Path, pngs: list[bytes]) -> i
 # ---- the naive baseline -------------------------------------------------------------------------------------------
 
 
-def naive_app() -> Any:
-    """The usual first FastAPI endpoint: decode and run one forward per request in the handler."""
-    model, meta = load_checkpoint(Path(os.environ["BENCH_MODEL_STEM"]))
-    if os.environ.get("BENCH_TORCH_THREADS"):
-        torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
+def one_at_a_time_app(meta: dict[str, Any], model: torch.nn.Module | None) -> Any:
+    """/predict decoding each upload in the handler, then one forward each (none when `model` is None)."""
     app = FastAPI()
 
     @app.get("/health")
@@ -233,6 +230,9 @@ def naive_app() -> Any:
         preds = []
         for f in files:
             x = prepare(await f.read(), meta, ImageLimits())
+            if model is None:
+                preds.append([{"name": CLASSES[0], "index": 0, "probability": float(x.shape[0])}])
+                continue
             with torch.inference_mode():
                 probs = torch.softmax(model(x), dim=1)[0]
             v, i = probs.topk(5)
@@ -247,28 +247,21 @@ def naive_app() -> Any:
     return app
 
 
+def naive_app() -> Any:
+    """The usual first FastAPI endpoint: decode and run one forward per request in the handler."""
+    model, meta = load_checkpoint(Path(os.environ["BENCH_MODEL_STEM"]))
+    if os.environ.get("BENCH_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
+    return one_at_a_time_app(meta, model)
+
+
 def floor_app() -> Any:
     """The HTTP floor: the same upload, decode and eval transform as /predict, and no model at all.
 
-    Its throughput bounds what any Python server on these cores can do before a single forward pass: the
-    service pays this per request plus the model's share (1 / ceiling per image) on the same cores.
+    Its CPU cost per request plus the model's share (cores / ceiling per image) bounds what any server on
+    these cores can do.
     """
-    meta = {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "input_size": 32}
-    app = FastAPI()
-
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.post("/predict")
-    async def predict(files: list[UploadFile] = File(...)) -> dict[str, Any]:
-        preds = []
-        for f in files:
-            x = prepare(await f.read(), meta, ImageLimits())
-            preds.append([{"name": CLASSES[0], "index": 0, "probability": float(x.shape[0])}])
-        return {"predictions": preds}
-
-    return app
+    return one_at_a_time_app({"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "input_size": 32}, None)
 
 
 # ---- main -----------------------------------------------------------------------------------------------------------

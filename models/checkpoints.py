@@ -122,7 +122,8 @@ def tidy_checkpoints(folder: Path) -> list[str]:
     For the one writer of a folder (the trainer holding the run's lease), before it writes; returns what it did.
     """
     done = []
-    for tmp in folder.glob(".*.tmp"):
+    # Ours are `.<name>.<random>.tmp`; safetensors' own writer (Rust's tempfile) leaves `.tmp<random>`.
+    for tmp in {*folder.glob(".*.tmp"), *folder.glob(".tmp*")}:
         tmp.unlink(missing_ok=True)
         done.append(f"removed {tmp.name}")
     for pending in folder.glob(f".*{WEIGHTS}.pending"):

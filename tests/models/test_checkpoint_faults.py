@@ -99,7 +99,7 @@ def test_sigkill_at_any_moment_of_a_checkpoint_write_leaves_a_valid_checkpoint(t
         assert last >= first
     assert hits["temp file"] >= 1 and hits["metadata renamed"] >= 1, f"no kill landed inside a save: {hits}"
     assert tidy_checkpoints(stem.parent) is not None and _consistent(stem) == last  # tidied, still the same
-    assert not any(p.name.startswith(".") for p in stem.parent.iterdir())
+    assert not [p.name for p in stem.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
