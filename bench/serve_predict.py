@@ -36,6 +36,7 @@ from fastapi import FastAPI, File, UploadFile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.wrk_lua import SUMMARY  # noqa: E402
 from models.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from models.data import dataset_info, load_cifar  # noqa: E402
 from models.resnet import build_model  # noqa: E402
@@ -46,7 +47,8 @@ from tests.helpers import Server, png_bytes, start_server  # noqa: E402
 BOUNDARY = "convlensbenchboundary7c1f"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-LUA = r"""
+LUA = (
+    r"""
 local reqs, i = {}, 0
 function init(args)
   local f = assert(io.open(os.getenv("BENCH_BODIES"), "rb"))
@@ -67,14 +69,11 @@ function request()
   return reqs[i]
 end
 function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCH {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, "status": %d, ' ..
-    '"timeout": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, "max_us": %d}\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
-end
 """
+    + SUMMARY
+    + """end
+"""
+)
 
 
 # ---- the model ----------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.wrk_lua import SUMMARY  # noqa: E402
 from models.data import load_cifar  # noqa: E402
 from models.runs import RunStore  # noqa: E402
 from tests.helpers import free_port, png_bytes  # noqa: E402
@@ -53,7 +54,8 @@ MAX_RSS_RATIO = 1.10
 TRAIN_JOB: dict[str, Any] = {"epochs": 50, "train_limit": 5000, "val_size": 1000, "log_every": 5}
 LAYERS = ["conv1", "layer1", "layer2", "layer3", "layer4"]
 
-LUA = r"""
+LUA = (
+    r"""
 -- Requests come from a file of records: "<kind>\t<method>\t<path>\t<content-type|->\t<body length>\n<body>".
 local reqs, i, got, quota = {}, 0, 0, 0
 local kinds, codes, samples = {}, {}, {}
@@ -139,17 +141,14 @@ function summarize()
 end
 
 function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'SOAK {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, "status": %d, ' ..
-    '"timeout": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, "max_us": %d}\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
-  for _, t in ipairs(threads) do
+"""
+    + SUMMARY
+    + r"""  for _, t in ipairs(threads) do
     io.write(t:get("report"))
   end
 end
 """
+)
 
 
 # ---- processes ------------------------------------------------------------------------------------------------------
@@ -331,9 +330,9 @@ def run_wrk(url: str, n: int, conns: int, script: Path, requests: Path, timeout_
     if proc.returncode:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {stderr or stdout}")
     out: dict[str, Any] = {"kinds": {}, "codes": {}, "samples": [], "raw": stdout}
-    for tag, text in re.findall(r"^(SOAK|KIND|CODE|SAMPLE) (.*)$", stdout, re.M):
+    for tag, text in re.findall(r"^(BENCH|KIND|CODE|SAMPLE) (.*)$", stdout, re.M):
         rec = json.loads(text)
-        if tag == "SOAK":
+        if tag == "BENCH":
             out |= rec
         elif tag == "KIND":
             out["kinds"][rec["kind"]] = {"n": rec["n"], "bad": rec["bad"]}
