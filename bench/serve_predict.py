@@ -6,7 +6,8 @@
 Measures, in this order so they never overlap: (a) the bare model's batched in-process throughput (the ceiling),
 the service (`uvicorn service.app:create_app`, micro-batched), and (b) a naive FastAPI endpoint doing one forward
 per request in its handler, each server driven by the same wrk Lua script cycling over the same PNG bodies.
-Prints throughput, p50/p95/p99, errors, the service's mean micro-batch, and the ratios the issue asks for.
+Prints throughput, p50/p95/p99, errors, CPU-ms a request (the server's and wrk's own, from rusage), the service's
+mean micro-batch, and the ratios the issue asks for, with the CPU bound they cannot pass on these cores.
 The service runs with its defaults (torch threads = cores - 1, batch <= 64 images, no extra wait) and
 OMP_WAIT_POLICY=PASSIVE, as `service.server.serve` runs it; the ceiling and the naive endpoint use torch's
 default threads (all cores).
@@ -21,6 +22,7 @@ import base64
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -111,20 +113,29 @@ def test_pngs(data: Path, n: int) -> list[bytes]:
     return [png_bytes(ds.images[i].permute(1, 2, 0).numpy()) for i in range(n)]
 
 
-def ceiling(stem: Path, pngs: list[bytes], seconds: float) -> dict[int, float]:
-    """Images/s of the bare model in this process, per batch size (tensors prepared beforehand)."""
+def ceiling(stem: Path, pngs: list[bytes], seconds: float, threads: int | None = None) -> dict[int, float]:
+    """Images/s of the bare model in this process, per batch size (tensors prepared beforehand).
+
+    `threads` runs it on that many torch threads (then restores the setting): one thread does less work per
+    image than two on these cores (no fork/join), which the CPU bound in `report` uses.
+    """
     model, meta = load_checkpoint(stem)
     x = torch.cat([prepare(p, meta, ImageLimits()) for p in pngs])
     out: dict[int, float] = {}
-    with torch.inference_mode():
-        for bs in (1, 8, 32, 64):
-            model(x[:bs])
-            images, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                start = images % (len(x) - bs)
-                model(x[start : start + bs])
-                images += bs
-            out[bs] = images / (time.perf_counter() - t0)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads or saved)
+    try:
+        with torch.inference_mode():
+            for bs in (1, 8, 32, 64) if threads is None else (32, 64):
+                model(x[:bs])
+                images, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    start = images % (len(x) - bs)
+                    model(x[start : start + bs])
+                    images += bs
+                out[bs] = images / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(saved)
     return out
 
 
@@ -148,7 +159,10 @@ def write_bodies(path: Path, pngs: list[bytes], json_body: bool) -> str:
 def wrk(url: str, conns: int, seconds: float, script: Path, env: dict[str, str]) -> dict[str, Any]:
     """One wrk run: throughput, latency percentiles (ms) and error counts."""
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # children waited for: only this wrk, below
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     out = proc.stdout
     if proc.returncode:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or out}")
@@ -165,6 +179,7 @@ def wrk(url: str, conns: int, seconds: float, script: Path, env: dict[str, str])
         "p99_ms": r["p99_us"] / 1e3,
         "errors": errors,
         "requests": r["requests"],
+        "client_cpu_ms_per_req": client_cpu * 1000 / max(1, r["requests"]),
     }
 
 
@@ -196,7 +211,8 @@ def drive(server: Server, path: str, levels: list[int], seconds: float, script: 
             row["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
         rows.append(row)
         print(f"  c={c:<3d} {row['rps']:7.1f} req/s  p50 {row['p50_ms']:6.1f} ms  p95 {row['p95_ms']:6.1f} ms  "
-              f"p99 {row['p99_ms']:6.1f} ms  errors {row['errors']}  cpu {row['cpu_ms_per_req']:.2f} ms/req"
+              f"p99 {row['p99_ms']:6.1f} ms  errors {row['errors']}  cpu {row['cpu_ms_per_req']:.2f} ms/req "
+              f"(wrk {row['client_cpu_ms_per_req']:.2f})"
               + (f"  mean batch {row['mean_batch']:.1f}" if service else ""), flush=True)  # fmt: skip
     return rows
 
@@ -297,6 +313,8 @@ def main() -> None:
 
         ceil = ceiling(stem, pngs, min(3.0, args.duration))
         print("bare model, batched in-process: " + ", ".join(f"batch {b}: {v:.0f} img/s" for b, v in ceil.items()))
+        one = ceiling(stem, pngs, min(3.0, args.duration), threads=1)
+        print("  on one torch thread: " + ", ".join(f"batch {b}: {v:.0f} img/s" for b, v in one.items()))
         bodies, script = tmp / "bodies.bin", tmp / "cycle.lua"
         script.write_text(LUA)
         env = {"BENCH_BODIES": str(bodies), "BENCH_CONTENT_TYPE": write_bodies(bodies, pngs, args.json_body)}
@@ -304,7 +322,8 @@ def main() -> None:
         server_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as service.server.serve sets it
         if args.torch_threads:
             server_env.setdefault("CONVLENS_TORCH_THREADS", str(args.torch_threads))
-        results: dict[str, Any] = {"model": model_id, "ceiling_img_s": ceil, "server_env": server_env}
+        results: dict[str, Any] = {"model": model_id, "ceiling_img_s": ceil, "one_thread_img_s": one}
+        results["server_env"] = server_env
 
         print(f"service (micro-batched) {server_env or ''}")
         with start_server(home, log_dir=tmp, env=server_env, torch_threads=None) as srv:
@@ -342,14 +361,22 @@ def report(results: dict[str, Any]) -> None:
         ratio = svc[top]["rps"] / max(naive[top]["rps"], 1e-9)
         print(f"service / naive @ c={top}: {ratio:.1f}x ({naive[top]['rps']:.0f} req/s)")
     if "floor" in results:
-        # CPU arithmetic: each request costs the floor's CPU (HTTP, multipart, decode, transform, JSON) plus the
-        # model's share (the ceiling keeps every core busy); the cores bound their sum, whatever the design.
+        # CPU arithmetic: each request costs the floor's CPU (HTTP, multipart, decode, transform, JSON), the load
+        # generator's (wrk runs on the same cores) and the model's share at its most frugal (one torch thread or
+        # all, whichever spends fewer CPU-ms an image). The cores bound their sum, whatever the server's design.
         floor, cores = results["floor"][0], os.cpu_count() or 1
-        model_ms = cores * 1000 / best_ceiling
-        bound = cores * 1000 / (floor["cpu_ms_per_req"] + model_ms)
-        print(f"HTTP floor @ c={top} (no model): {floor['rps']:.0f} req/s, {floor['cpu_ms_per_req']:.2f} CPU-ms a "
-              f"request; the model {model_ms:.2f} CPU-ms an image; so at most {bound:.0f} req/s on {cores} cores "
-              f"= {bound / best_ceiling:.0%} of the ceiling")  # fmt: skip
+        model_ms = min(cores * 1000 / best_ceiling, 1000 / max(results["one_thread_img_s"].values()))
+        per_req = floor["cpu_ms_per_req"] + floor["client_cpu_ms_per_req"] + model_ms
+        bound = cores * 1000 / per_req
+        s_top = svc[top]
+        print(
+            f"HTTP floor @ c={top} (no model): {floor['rps']:.0f} req/s, {floor['cpu_ms_per_req']:.2f} CPU-ms a "
+            f"request (+ wrk {floor['client_cpu_ms_per_req']:.2f}); the model at best {model_ms:.2f} CPU-ms an "
+            f"image; so at most {bound:.0f} req/s on {cores} cores = {bound / best_ceiling:.0%} of the ceiling"
+        )
+        busy = (s_top["cpu_ms_per_req"] + s_top["client_cpu_ms_per_req"]) * s_top["rps"] / 1000
+        print(f"service @ c={top}: {s_top['cpu_ms_per_req']:.2f} CPU-ms a request + wrk "
+              f"{s_top['client_cpu_ms_per_req']:.2f}: {busy:.2f} of {cores} cores busy")  # fmt: skip
     if 32 in svc:
         print(f"p99 @ c=32: {svc[32]['p99_ms']:.1f} ms")
     print(f"errors: service {sum(r['errors'] for r in results['service'])}"
