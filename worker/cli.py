@@ -185,8 +185,29 @@ def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, str, str | None]]:
                 eid = value
 
 
+BUSY = (429, 503)
+MAX_RETRY_AFTER_S = 30.0
+
+
+def retry_after(header: str | None, default: float) -> float:
+    """Seconds to wait from a Retry-After header (delta-seconds), clamped to [0.1, 30]; `default` if absent/odd."""
+    try:
+        value = float(header) if header is not None else default
+    except ValueError:  # an HTTP-date, or garbage: not worth parsing for a progress bar
+        value = default
+    return min(max(value, 0.1), MAX_RETRY_AFTER_S)
+
+
+def _detail(r: Any) -> str:
+    try:
+        return str(r.json().get("detail", r.text))
+    except ValueError:
+        return str(r.text)
+
+
 def watch_job(url: str, job: str, retries: int = 10) -> int:
-    """A progress bar fed by GET /jobs/{job}/events; reconnects with Last-Event-ID; exits on the end event."""
+    """A progress bar fed by GET /jobs/{job}/events; reconnects with Last-Event-ID (also after a 429 or 503, waiting
+    as Retry-After says); exits on the end event."""
     import httpx
     from tqdm import tqdm
 
@@ -200,6 +221,15 @@ def watch_job(url: str, job: str, retries: int = 10) -> int:
                 with httpx.stream(
                     "GET", f"{url}/jobs/{job}/events", headers=headers, timeout=httpx.Timeout(10, read=120)
                 ) as r:
+                    if r.status_code in BUSY and failures < retries:
+                        # Busy, not wrong (too many streams open from this address, a full queue, a restart):
+                        # wait as the server asks and try again, within the same budget as a lost connection.
+                        r.read()
+                        failures += 1
+                        wait = retry_after(r.headers.get("retry-after"), default=min(2.0 * failures, 10.0))
+                        bar.write(f"{r.status_code}: {_detail(r)}; retrying in {wait:g} s")
+                        time.sleep(wait)
+                        continue
                     if r.status_code != 200:
                         r.read()
                         bar.write(f"{r.status_code}: {r.text}")

@@ -7,15 +7,18 @@ when a stream ends, whether the client hangs up or the job ends; another client'
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 from models.runs import RunStore
 from tests.helpers import Server, add_run
+from worker.cli import main
 
 LIMIT = 3
 TIMEOUT = httpx.Timeout(10, read=30)
@@ -103,3 +106,32 @@ def test_streams_per_client_are_bounded_and_released(server_factory: Callable[..
             s.close()
         client.close()
         other.close()
+
+
+def test_watch_waits_out_a_429_instead_of_exiting(
+    server_factory: Callable[..., Server], home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`convlens watch` on a client whose stream slots are all taken: it waits as Retry-After says and follows the
+    job once a slot frees, rather than exiting on the first 429."""
+    add_run(home, "watched", status="running")
+    server = server_factory(home, env={"CONVLENS_MAX_SSE_PER_CLIENT": "1"})
+    client = httpx.Client(base_url=server.url, timeout=TIMEOUT)
+    held = Stream.open(client, "watched")
+    result: list[int] = []
+    watcher = threading.Thread(target=lambda: result.append(main(["watch", "watched", "--url", server.url])))
+    try:
+        assert held.status == 200
+        watcher.start()
+        deadline = time.monotonic() + 10
+        while "429" not in capsys.readouterr().out and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert watcher.is_alive() and not result, "watch gave up on a 429"
+        held.close()
+        RunStore(home).update_run("watched", status="succeeded")
+        watcher.join(30)
+        assert result == [0], "watch did not follow the job to its end once a slot was free"
+    finally:
+        held.close()
+        client.close()
+        watcher.join(30)
