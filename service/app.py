@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator
+import signal
+import threading
+import types
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import torch
@@ -29,9 +34,38 @@ from service.settings import Settings, get_settings
 log = logging.getLogger("convlens.app")
 
 
-def default_torch_threads() -> int:
-    """One core fewer than this process may use: the event loop (HTTP, decoding) needs one of its own."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+def default_torch_threads(processes: int = 1) -> int:
+    """The cores left once each API process's event loop (HTTP, decoding) has one, shared out; at least one."""
+    return max(1, (len(os.sched_getaffinity(0)) - processes) // processes)
+
+
+@contextlib.contextmanager
+def drain_on_signals(loop: asyncio.AbstractEventLoop, draining: asyncio.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT end open event streams at once, then reach the server's own handler (uvicorn's graceful
+    shutdown), so a stream never holds a shutdown, under `convlens serve`, its API processes or bare uvicorn.
+    Only where signals can be handled (the main thread); elsewhere (test clients) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(sig: int, frame: types.FrameType | None) -> None:
+        loop.call_soon_threadsafe(draining.set)
+        chained = previous[sig]
+        if callable(chained):
+            chained(sig, frame)
+        elif chained == signal.SIG_DFL:  # nobody else listens: behave as if we were not here
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            if signal.getsignal(sig) is handler:  # leave alone a handler someone installed after ours
+                signal.signal(sig, h)
 
 
 def build_registry(settings: Settings, store: RunStore, metrics: Metrics | None = None) -> ModelRegistry:
@@ -63,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         auth.warn_if_open(settings)
-        torch.set_num_threads(settings.torch_threads or default_torch_threads())
+        torch.set_num_threads(settings.torch_threads or default_torch_threads(settings.api_processes))
         store = RunStore(settings.home)
         registry = build_registry(settings, store, metrics)
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms, settings.max_queue_images, metrics)
@@ -79,9 +113,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # would otherwise walk every torch and FastAPI object while requests wait.
         gc.freeze()
         try:
-            yield
+            with drain_on_signals(asyncio.get_running_loop(), app.state.draining):
+                yield
         finally:
             batcher.close()
+            metrics.process_exited()
 
     app = FastAPI(
         title="ConvLens",

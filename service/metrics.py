@@ -1,7 +1,14 @@
-"""Prometheus metrics (prometheus-client), one registry per app so tests can build many apps in one process."""
+"""Prometheus metrics (prometheus-client), one registry per app so tests can build many apps in one process.
+
+With several API processes (CONVLENS_API_PROCESSES > 1) `service.server` sets PROMETHEUS_MULTIPROC_DIR before they
+start: each process then keeps its values in files there, and a scrape of any process reports the sum over all
+of them (prometheus-client's multiprocess mode; gauges of live processes only). The per-process collectors
+(CPU, memory, GC) are left out in that mode: they would describe whichever process answered the scrape.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -13,6 +20,7 @@ from prometheus_client import (
     Histogram,
     gc_collector,
     generate_latest,
+    multiprocess,
     platform_collector,
     process_collector,
 )
@@ -22,15 +30,25 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The folder shared by several API processes' metrics, or None for one process."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
 class Metrics:
     """The service's metrics, registered on their own CollectorRegistry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        process_collector.ProcessCollector(registry=r)
-        platform_collector.PlatformCollector(registry=r)
-        gc_collector.GCCollector(registry=r)
+        self.shared = multiprocess_dir() is not None
+        if not self.shared:
+            process_collector.ProcessCollector(registry=r)
+            platform_collector.PlatformCollector(registry=r)
+            gc_collector.GCCollector(registry=r)
         self.requests = Counter(
             "convlens_http_requests",
             "HTTP requests by route template and status",
@@ -48,6 +66,7 @@ class Metrics:
             "convlens_http_requests_in_flight",
             "HTTP requests being served now (open event streams and this scrape included)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.batch_size = Histogram(
             "convlens_batch_size", "images per forward pass of the micro-batcher", buckets=BATCH_BUCKETS, registry=r
@@ -55,10 +74,16 @@ class Metrics:
         self.batch_seconds = Histogram(
             "convlens_batch_inference_seconds", "time of one batched forward pass", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("convlens_batch_queue_depth", "images waiting for the inference thread", registry=r)
+        self.queue_depth = Gauge(
+            "convlens_batch_queue_depth", "images waiting for inference", registry=r, multiprocess_mode="livesum"
+        )
         self.images = Counter("convlens_images_predicted", "images classified", ["model"], registry=r)
         self.model_load = Gauge(
-            "convlens_model_load_seconds", "seconds the last load of each model took", ["model"], registry=r
+            "convlens_model_load_seconds",
+            "seconds the last load of each model took",
+            ["model"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.model_loads = Counter("convlens_model_loads", "models loaded into memory", ["model"], registry=r)
 
@@ -68,8 +93,17 @@ class Metrics:
         self.model_loads.labels(model_id).inc()
 
     def render(self) -> tuple[bytes, str]:
-        """The text exposition format and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The text exposition format and its content type (summed over every API process when shared)."""
+        if not self.shared:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+
+    def process_exited(self) -> None:
+        """This process stops serving: its live gauges (in flight, queue depth) leave the sums."""
+        if self.shared:
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class MetricsMiddleware:

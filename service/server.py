@@ -1,5 +1,11 @@
 """`serve(settings)`: the API under uvicorn, plus a local Celery worker on the embedded queue when no broker is set.
 
+CONVLENS_API_PROCESSES=N (> 1) runs N API processes on one listening socket (uvicorn's supervisor, which restarts
+one that dies). Each has its own event loop, micro-batcher, model copies and per-client stream limits; they share
+the run store (registry.json, so a new default reaches all of them), the queue and /metrics (prometheus-client's
+multiprocess mode, in PROMETHEUS_MULTIPROC_DIR or a temporary folder). They read their settings from the
+environment, as `convlens serve` leaves it.
+
 Graceful shutdown (SIGTERM or Ctrl-C): uvicorn stops listening at once (new connections are refused), closes idle
 keep-alive connections, and lets requests in flight finish for up to CONVLENS_SHUTDOWN_TIMEOUT_S before it
 cancels them. Open event streams (GET /jobs/{id}/events) would otherwise hold that wait to its end: they are told
@@ -12,20 +18,26 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Generator
+from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: the event loop shares these cores with torch. Read when torch
 # loads, so set before service.app is imported; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import uvicorn  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from uvicorn.supervisors import Multiprocess  # noqa: E402
 
 from models.logs import configure as configure_logging  # noqa: E402
 from service.app import begin_draining, create_app  # noqa: E402
+from service.metrics import MULTIPROC_ENV, multiprocess_dir  # noqa: E402
 from service.settings import Settings, get_settings  # noqa: E402
 
 log = logging.getLogger("convlens.server")
@@ -95,11 +107,57 @@ class _Server(uvicorn.Server):
                 self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
+def process_app() -> FastAPI:
+    """The app of one of several API processes (`uvicorn --factory service.server:process_app`): its settings
+    from the environment, its logs through the same handler as the parent's."""
+    settings = get_settings()
+    configure_logging(settings.log_format, secrets=settings.api_key)
+    return create_app(settings)
+
+
+def serve_processes(settings: Settings, worker: subprocess.Popen[bytes] | None) -> None:
+    """settings.api_processes API processes on one socket, until Ctrl-C or SIGTERM; then the worker stops."""
+    own_dir = None
+    if multiprocess_dir() is None:
+        own_dir = tempfile.mkdtemp(prefix="convlens-metrics-")
+        os.environ[MULTIPROC_ENV] = own_dir  # before the processes start: they pick their metric store on import
+    else:  # a folder of the operator's: what an earlier run left would be summed in
+        for stale in Path(os.environ[MULTIPROC_ENV]).glob("*.db"):
+            stale.unlink(missing_ok=True)
+    # The processes read the environment: carry what the caller may have set on the Settings object.
+    os.environ |= {"CONVLENS_HOME": str(settings.home), "CONVLENS_HOST": settings.host}
+    os.environ |= {"CONVLENS_PORT": str(settings.port), "CONVLENS_API_PROCESSES": str(settings.api_processes)}
+    if settings.data_dir:
+        os.environ["CONVLENS_DATA_DIR"] = str(settings.data_dir)
+    config = uvicorn.Config(
+        "service.server:process_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.api_processes,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
+    sock = config.bind_socket()
+    try:
+        Multiprocess(config, sockets=[sock]).run()  # SIGTERM/Ctrl-C: stops every process gracefully, then returns
+    finally:
+        sock.close()
+        if worker:
+            stop_worker(worker)
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
 def serve(settings: Settings) -> None:
     """Serve the API on settings.host:settings.port until Ctrl-C or SIGTERM, with a local worker if no broker."""
     # One handler for everything, uvicorn's loggers included (log_config=None leaves them propagating to it).
     configure_logging(settings.log_format, secrets=settings.api_key)
     worker = start_worker(settings)
+    if settings.api_processes > 1:
+        serve_processes(settings, worker)
+        return
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -48,8 +48,17 @@ class Settings(BaseSettings):
         0.0, ge=0, le=1000, description="how long a batch waits for more requests once the queue runs dry"
     )
     max_queue_images: int = Field(2048, ge=1, description="images waiting for inference before 503 + Retry-After")
+    api_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API processes sharing the port (`serve`), each with its own event loop, batcher and models",
+    )
     torch_threads: int | None = Field(
-        None, ge=1, le=256, description="torch CPU threads; default: the usable cores minus one (for the event loop)"
+        None,
+        ge=1,
+        le=256,
+        description="torch CPU threads per API process; default: the usable cores minus one per process, shared out",
     )
     access_log: bool = Field(True, description="one log line per request (method, path, status, ms, request id)")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line; text")

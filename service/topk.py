@@ -4,14 +4,19 @@ The index of a model lives in the run store at `<home>/topk/<model id>-<sha256[:
 keyed by the weights' hash, so a retrained model under the same id gets a new index and a shipped model (whose
 folder may be read-only) gets one too. The first request for a model starts a background build on a private
 copy of the network (no hooks on the served one) and answers 202 with its progress until the index is ready.
+Several API processes build one index once: a build holds an exclusive lock on `<stem>.lock` (flock), and a
+process that waited for it loads what the other one wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,38 +137,56 @@ class TopKService:
         return build
 
     def _build(self, loaded: LoadedModel, stem: Path, build: Build) -> None:
-        t0 = time.perf_counter()
         try:
-            ds, split = self.examples(loaded.meta)
-            model: ResNet18 = copy.deepcopy(loaded.model).eval()  # type: ignore[assignment]  # a private copy: hooks never touch the served model
-            # A model trained on upsampled inputs ranks upsampled images (normalisation commutes with this).
-            images = at_input_size(ds.images, int(loaded.meta.get("input_size", ds.images.shape[-1])))
-
-            def progress(frac: float) -> None:
-                build.progress = frac
-
-            with torch.no_grad():
-                index = build_topk_index(
-                    model,
-                    images,
-                    loaded.meta["mean"],
-                    loaded.meta["std"],
-                    k=INDEX_K,
-                    layers=LAYER_NAMES,
-                    batch_size=self.batch_size,
-                    progress=progress,
-                    meta={"model": loaded.id, "sha256": loaded.meta.get("sha256"), "split": split},
-                )
-            save_topk_index(index, stem)
+            with build_lock(stem):
+                if topk_index_exists(stem):  # another API process built it while this one waited
+                    index = load_topk_index(stem)
+                else:
+                    index = self._compute(loaded, stem, build)
             with self._lock:
                 self._indexes[stem] = index
                 self._builds.pop(stem, None)
-            log.info(
-                "built the top-k index of %s over %d images in %.1fs", loaded.id, len(ds), time.perf_counter() - t0
-            )
         except ConvLensError as e:
             build.error = str(e)
             log.warning("top-k index of %s failed: %s", loaded.id, e)
         except Exception as e:  # a bug must not leave requests waiting on a build that never ends
             build.error = f"building the top-k index failed: {type(e).__name__}: {e}"
             log.exception("top-k index of %s failed", loaded.id)
+
+    def _compute(self, loaded: LoadedModel, stem: Path, build: Build) -> TopKIndex:
+        t0 = time.perf_counter()
+        ds, split = self.examples(loaded.meta)
+        model: ResNet18 = copy.deepcopy(loaded.model).eval()  # type: ignore[assignment]  # a private copy: hooks never touch the served model
+        # A model trained on upsampled inputs ranks upsampled images (normalisation commutes with this).
+        images = at_input_size(ds.images, int(loaded.meta.get("input_size", ds.images.shape[-1])))
+
+        def progress(frac: float) -> None:
+            build.progress = frac
+
+        with torch.no_grad():
+            index = build_topk_index(
+                model,
+                images,
+                loaded.meta["mean"],
+                loaded.meta["std"],
+                k=INDEX_K,
+                layers=LAYER_NAMES,
+                batch_size=self.batch_size,
+                progress=progress,
+                meta={"model": loaded.id, "sha256": loaded.meta.get("sha256"), "split": split},
+            )
+        save_topk_index(index, stem)
+        log.info("built the top-k index of %s over %d images in %.1fs", loaded.id, len(ds), time.perf_counter() - t0)
+        return index
+
+
+@contextlib.contextmanager
+def build_lock(stem: Path) -> Iterator[None]:
+    """Hold `<stem>.lock` exclusively (waits for a build in another process; released if this one dies)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{stem}.lock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -8,78 +8,18 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import ROOT, add_run, free_port
+from tests.helpers import Server, add_run, start_server
+from tests.service.conftest import Serve
 
 EXIT_BOUND_S = 8.0  # SIGTERM to exit, once nothing is in flight; far below the graceful timeouts set below
-
-
-@dataclass
-class Serve:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, text: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in the server log after {timeout}s:\n{self.log()[-3000:]}")
-            time.sleep(0.02)
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
-    """Start `python -m worker.cli serve` (what `convlens serve` runs) on a free port; killed by PID at teardown."""
-    started: list[Serve] = []
-
-    def start(home: Path, data: Path, **env: str) -> Serve:
-        port = free_port()
-        full_env = {
-            **os.environ,
-            "CONVLENS_HOME": str(home),
-            "CONVLENS_DATA_DIR": str(data),
-            "CONVLENS_PORT": str(port),
-            "CONVLENS_EMBEDDED_WORKER": "false",
-            "CONVLENS_TORCH_THREADS": "1",
-            "PYTHONPATH": str(ROOT),
-            **env,
-        }
-        log_path = tmp_path / f"serve-{port}.log"
-        with log_path.open("wb") as f:
-            cmd = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port)]
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT)
-        s = Serve(f"http://127.0.0.1:{port}", proc, log_path)
-        started.append(s)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{s.log()[-3000:]}"
-            try:
-                if httpx.get(s.url + "/health", timeout=1).status_code == 200:
-                    return s
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"serve did not answer /health:\n{s.log()[-3000:]}")
-
-    yield start
-    for s in started:
-        if s.proc.poll() is None:
-            os.kill(s.proc.pid, signal.SIGKILL)
-            s.proc.wait(10)
 
 
 def in_flight(url: str) -> float:
@@ -146,27 +86,38 @@ def test_sigterm_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_0(
     assert "Cancel " not in s.log()  # nothing was cut off by the graceful-shutdown timeout
 
 
+@pytest.mark.parametrize("entry", ["serve", "serve, 2 API processes", "bare uvicorn"])
 def test_an_open_event_stream_does_not_hold_the_shutdown(
-    serve: Callable[..., Serve], home: Path, synthetic_data: Path
+    entry: str, serve: Callable[..., Serve], home: Path, synthetic_data: Path, tmp_path: Path
 ) -> None:
     add_run(home, "waiting", status="queued")  # never finishes: nothing trains it
-    # A long graceful timeout: only the stream ending by itself can make the bound below.
-    s = serve(home, synthetic_data, CONVLENS_SHUTDOWN_TIMEOUT_S="60")
-    with (
-        httpx.Client(base_url=s.url, timeout=httpx.Timeout(10, read=30)) as client,
-        client.stream("GET", "/jobs/waiting/events", params={"heartbeat": 60}) as r,
-    ):
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        for line in lines:
-            if line.startswith("data:") and '"queued"' in line:
-                break  # the stream is live: its first status event arrived
-        sigterm_at = time.monotonic()
-        os.kill(s.proc.pid, signal.SIGTERM)
-        rest = list(lines)  # until the server closes the stream
-        closed_after = time.monotonic() - sigterm_at
-    assert ": shutting down; reconnect with Last-Event-ID" in rest, rest
-    assert not any(x.startswith("event: end") for x in rest)  # the job did not end: the stream did
-    assert closed_after < EXIT_BOUND_S, f"the stream stayed open {closed_after:.1f}s after SIGTERM"
-    assert s.proc.wait(EXIT_BOUND_S) == 0
-    assert time.monotonic() - sigterm_at < EXIT_BOUND_S + 1
+    # A long graceful timeout (bare uvicorn: none at all): only the stream ending by itself can make the bound below.
+    s: Serve | Server
+    if entry == "bare uvicorn":
+        s = start_server(home, synthetic_data, log_dir=tmp_path)
+    else:
+        processes = "2" if "2" in entry else "1"
+        s = serve(home, synthetic_data, CONVLENS_SHUTDOWN_TIMEOUT_S="60", CONVLENS_API_PROCESSES=processes)
+    try:
+        with (
+            httpx.Client(base_url=s.url, timeout=httpx.Timeout(10, read=30)) as client,
+            client.stream("GET", "/jobs/waiting/events", params={"heartbeat": 60}) as r,
+        ):
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data:") and '"queued"' in line:
+                    break  # the stream is live: its first status event arrived
+            sigterm_at = time.monotonic()
+            os.kill(s.proc.pid, signal.SIGTERM)
+            rest = list(lines)  # until the server closes the stream
+            closed_after = time.monotonic() - sigterm_at
+        assert ": shutting down; reconnect with Last-Event-ID" in rest, rest
+        assert not any(x.startswith("event: end") for x in rest)  # the job did not end: the stream did
+        assert closed_after < EXIT_BOUND_S, f"the stream stayed open {closed_after:.1f}s after SIGTERM"
+        # `serve` exits 0 on SIGTERM; bare uvicorn re-raises the signal once it has shut down.
+        assert s.proc.wait(EXIT_BOUND_S) == (-signal.SIGTERM if entry == "bare uvicorn" else 0)
+        assert time.monotonic() - sigterm_at < EXIT_BOUND_S + 1
+    finally:
+        if isinstance(s, Server):
+            s.stop()
