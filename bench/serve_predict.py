@@ -1,7 +1,8 @@
 """POST /predict under load (wrk, real CIFAR-10 test PNGs) against the bare model and a naive endpoint, in one run.
 
     .venv/bin/python bench/serve_predict.py [--model-home var] [--data var/data] [--duration 10]
-        [--concurrency 1 8 32 64] [--server-env CONVLENS_BATCH_MAX_WAIT_MS=2 ...] [--json-body] [--out r.json]
+        [--concurrency 1 8 32 64] [--api-processes 1 2] [--server-env CONVLENS_BATCH_MAX_WAIT_MS=2 ...]
+        [--json-body] [--out r.json]
 
 Measures, in this order so they never overlap: (a) the bare model's batched in-process throughput (the ceiling),
 the service (`uvicorn service.app:create_app`, micro-batched), and (b) a naive FastAPI endpoint doing one forward
@@ -44,7 +45,7 @@ from models.data import dataset_info, load_cifar  # noqa: E402
 from models.resnet import build_model  # noqa: E402
 from models.runs import TERMINAL, RunStore  # noqa: E402
 from service.images import ImageLimits, prepare  # noqa: E402
-from tests.helpers import Server, png_bytes, start_server  # noqa: E402
+from tests.helpers import SERVE, Server, png_bytes, start_server  # noqa: E402
 
 BOUNDARY = "convlensbenchboundary7c1f"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -184,9 +185,11 @@ def wrk(url: str, conns: int, seconds: float, script: Path, env: dict[str, str])
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (from /proc/<pid>/stat)."""
+    """User + system CPU time of a process and its live descendants (API processes), all threads (/proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    kids = [int(k) for f in Path(f"/proc/{pid}/task").glob("*/children") for k in f.read_text().split()]
+    return own + sum(cpu_seconds(k) for k in kids if Path(f"/proc/{k}").exists())
 
 
 def batch_counters(server: Server) -> tuple[float, float]:
@@ -292,6 +295,9 @@ def main() -> None:
     ap.add_argument("--server-env", nargs="*", default=[], metavar="K=V", help="CONVLENS_* settings for the service")
     ap.add_argument("--json-body", action="store_true", help="send base64 JSON instead of multipart")
     ap.add_argument("--torch-threads", type=int, help="torch threads everywhere (default: torch's own, the cores)")
+    ap.add_argument(
+        "--api-processes", type=int, nargs="+", default=[1], metavar="N", help="also as N API processes, e.g. 1 2"
+    )
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip-floor", action="store_true", help="skip the no-model HTTP floor")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -330,6 +336,18 @@ def main() -> None:
             path = f"/predict?model={model_id}"
             results["wrong_answers"] = check_answers(srv, path, stem, pngs)
             results["service"] = drive(srv, path, args.concurrency, args.duration, script, env, service=True)
+        results["processes"] = {}
+        for n in (n for n in args.api_processes if n > 1):
+            print(f"service, {n} API processes (convlens serve, CONVLENS_API_PROCESSES={n})")
+            prom = tmp / f"prometheus-{n}"
+            prom.mkdir()
+            n_env = {**server_env, "CONVLENS_API_PROCESSES": str(n), "CONVLENS_EMBEDDED_WORKER": "false"}
+            n_env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)  # so /metrics (the mean batch) sums every process
+            with start_server(home, log_dir=tmp, env=n_env, app=SERVE, torch_threads=None) as srv:
+                path = f"/predict?model={model_id}"
+                results["wrong_answers"] += check_answers(srv, path, stem, pngs)
+                rows = drive(srv, path, args.concurrency, args.duration, script, env, service=True)
+                results["processes"][n] = rows
         if not args.skip_naive and not args.json_body:
             print("naive endpoint (one forward per request)")
             naive_env = {"BENCH_MODEL_STEM": str(stem), "BENCH_TORCH_THREADS": str(args.torch_threads or "")}
@@ -377,6 +395,11 @@ def report(results: dict[str, Any]) -> None:
         busy = (s_top["cpu_ms_per_req"] + s_top["client_cpu_ms_per_req"]) * s_top["rps"] / 1000
         print(f"service @ c={top}: {s_top['cpu_ms_per_req']:.2f} CPU-ms a request + wrk "
               f"{s_top['client_cpu_ms_per_req']:.2f}: {busy:.2f} of {cores} cores busy")  # fmt: skip
+    for n, rows in results.get("processes", {}).items():
+        by_c = {r["concurrency"]: r for r in rows}
+        p99 = f"; p99 @ c=32: {by_c[32]['p99_ms']:.1f} ms" if 32 in by_c else ""
+        print(f"{n} API processes @ c={top}: {by_c[top]['rps']:.0f} req/s = {by_c[top]['rps'] / best_ceiling:.0%} "
+              f"of the ceiling, {by_c[top]['rps'] / svc[top]['rps']:.2f}x one process{p99}")  # fmt: skip
     if 32 in svc:
         print(f"p99 @ c=32: {svc[32]['p99_ms']:.1f} ms")
     print(f"errors: service {sum(r['errors'] for r in results['service'])}"

@@ -59,6 +59,9 @@ class Server:
         self.stop()
 
 
+SERVE = "convlens serve"
+
+
 def start_server(
     home: Path,
     data_dir: Path | None = None,
@@ -71,6 +74,8 @@ def start_server(
 ) -> Server:
     """Start `uvicorn --factory <app>` against a run store on a free port; returns once `ready_path` answers 200.
 
+    `app=SERVE` runs the production entry point instead (`convlens serve`: several API processes with
+    CONVLENS_API_PROCESSES, a local worker unless CONVLENS_EMBEDDED_WORKER=false).
     Settings come from CONVLENS_* variables: `env` adds or overrides them (e.g. CONVLENS_BROKER_URL).
     `torch_threads=1` by default, since the suite shares two cores; None leaves torch's own choice.
     """
@@ -86,8 +91,11 @@ def start_server(
     }
     log_path = (log_dir or home) / f"server-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", app, "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--no-access-log", "--log-level", "warning"]
+    if app == SERVE:
+        cmd = [sys.executable, "-m", "worker.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", app, "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--no-access-log", "--log-level", "warning"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", proc, log_path, full_env)
