@@ -50,6 +50,7 @@ from tests.helpers import free_port, png_bytes  # noqa: E402
 
 BOUNDARY = "convlenssoakboundary5e2a"
 MAX_RSS_RATIO = 1.10
+MIN_WARMUP = 500  # requests before "before": below this the RSS ratio measures cache filling, not leaks
 # A real job that outlasts the soak: 5,000 training images per epoch, 1,000 held out, a step logged every 5.
 TRAIN_JOB: dict[str, Any] = {"epochs": 50, "train_limit": 5000, "val_size": 1000, "log_every": 5}
 LAYERS = ["conv1", "layer1", "layer2", "layer3", "layer4"]
@@ -389,7 +390,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=10_000, help="requests in the measured load")
     ap.add_argument("--concurrency", type=int, default=64, help="wrk connections")
-    ap.add_argument("--warmup", type=int, default=550, help="requests before the 'before' memory reading")
+    ap.add_argument("--warmup", type=int, default=MIN_WARMUP + 50, help="requests before the 'before' memory reading")
     ap.add_argument("--data", type=Path, default=ROOT / "var" / "data", help="holds cifar-10-batches-py")
     ap.add_argument("--timeout", type=int, default=30, help="wrk's per-request timeout (s): longer counts as error")
     ap.add_argument("--max-seconds", type=int, default=3600, help="give up on the load after this long")
@@ -401,6 +402,11 @@ def main() -> int:
     if not (args.data / "cifar-10-batches-py").is_dir():
         print(f"no CIFAR-10 under {args.data} (make data)", file=sys.stderr)
         return 2
+    if args.warmup < MIN_WARMUP:
+        # Seen: --warmup 50 left lazy loads (the CIFAR-stem model, top-k indexes, allocator pools) to the measured
+        # pass, and the RSS ratio read 1.18 for memory that then stayed flat.
+        print(f"WARNING: --warmup {args.warmup} is below {MIN_WARMUP}: caches still fill during the load, so the "
+              "RSS ratio overstates growth; read it as a smoke test, not a leak check", flush=True)  # fmt: skip
 
     home = Path(tempfile.mkdtemp(prefix="convlens-soak-"))
     stack: Stack | None = None
