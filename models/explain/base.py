@@ -23,6 +23,7 @@ class Explanation:
     layer: str | None = None  # canonical layer name, for the methods that use one
     params: dict[str, Any] = field(default_factory=dict)  # the parameters used, defaults filled in
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # method-specific values, documented per method
+    probabilities: torch.Tensor | None = None  # (N, classes): softmax of the logits of the forward all methods share
 
 
 @dataclass

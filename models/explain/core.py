@@ -129,4 +129,8 @@ def explain(
             mean=tuple(mean),
             std=tuple(std),
         )
-        return {m: RUNNERS[m](p, resolved[m]) for m in names}
+        found = {m: RUNNERS[m](p, resolved[m]) for m in names}
+    probs = torch.softmax(p.logits, dim=1)  # the forward every method shared: no second one needed
+    for e in found.values():
+        e.probabilities = probs
+    return found

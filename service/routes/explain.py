@@ -193,7 +193,9 @@ async def post_explain(
     canon = canon or default_cam_layer(net, int(loaded.meta.get("input_size", 32)))
     mean, std = loaded.meta["mean"], loaded.meta["std"]
     found = await batcher.call(lambda: explain(net, x, methods, tgt, canon, extra, mean, std))
-    probs = (await batcher.predict(loaded, x))[0]
+    shared = next(iter(found.values())).probabilities
+    assert shared is not None  # explain() sets it on every method's result
+    probs = shared[0].detach().float().cpu()
     top = int(probs.argmax())
     names = list(found)
     headers = {

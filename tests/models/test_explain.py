@@ -79,6 +79,16 @@ def test_gradcam_and_gradcampp_equal_the_formulas(trained: Any, layer: str) -> N
     assert out["gradcam"].heatmap.shape == (3, 32, 32) and float(cam.max()) > 0
 
 
+def test_every_result_carries_the_shared_forward_probabilities(trained: Any) -> None:
+    model, x, _ = trained
+    found = explain(model, x, ["gradcam", "saliency"], target=2)
+    with torch.no_grad():
+        want = torch.softmax(model(x), 1)
+    for e in found.values():
+        assert e.probabilities is not None and e.probabilities.shape == (3, 10)
+        torch.testing.assert_close(e.probabilities, want, rtol=1e-12, atol=1e-15)  # float64 model: the same pass
+
+
 def test_saliency_equals_autograd_and_target_defaults_to_prediction(trained: Any) -> None:
     model, x, _ = trained
     out = explain(model, x, ["saliency"])["saliency"]

@@ -51,8 +51,11 @@ def test_several_methods_equal_the_library(
     for i, m in enumerate(methods):
         np.testing.assert_allclose(got[i], want[m].heatmap[0].numpy(), rtol=1e-4, atol=1e-6, err_msg=m)
     body = client.post("/explain", params={**q, "format": "json"}, **upload(test_pngs[2])).json()
-    predicted = int(torch.softmax(model(x), 1).argmax())
+    probs = torch.softmax(model(x), 1)[0]
+    predicted = int(probs.argmax())
     assert body["target"] == predicted == body["predicted"]["index"]
+    assert body["predicted"]["probability"] == pytest.approx(float(probs[predicted]), rel=1e-5)
+    assert body["target_probability"] == pytest.approx(float(probs[predicted]), rel=1e-5)
     assert body["methods"]["occlusion"]["params"]["patch"] == 8
     assert body["methods"]["gradcam"]["layer"] == "layer3"
 
