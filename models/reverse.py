@@ -84,6 +84,9 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
 # Batches of at least this many signals run a conv's transpose with its BN-folded weight (made once per reverse
 # network: a pass over the weight) instead of scaling the signal (a pass over the signal, every time).
 FOLD_MIN_BATCH = 8
+# Signal positions (signals x map positions) from which an unfolded kernel is cut to its live taps (see live_taps).
+# Measured on the seed stem's 1x1 layer4 (one thread): 16 seeds ran faster uncut, 256 faster cut.
+CUT_MIN_POSITIONS = 64
 # On CPU, reconstruct() runs as many seeds per reverse pass as keep its widest signal (the stem's 64-channel map)
 # within this many bytes. Measured on the 2-core EPYC (32 MiB L3, CPU time): 64 CIFAR-stem seeds a pass (16 MiB
 # signals) ran ~1.1x faster than 256 (64 MiB, out of cache), 16 and 32 no faster; the seed stem's 16x16 stem map
@@ -174,19 +177,32 @@ def bn_conv_transpose(
 ) -> torch.Tensor:
     """(conv then eval BN)^T of a dense signal (K, C_out, h, w): BN scale, then the transposed conv.
 
-    From FOLD_MIN_BATCH signals on, with the BN-folded weight, cut to its live taps (see live_taps), made once and
-    kept in `folded`: making it costs a pass over the weight, which only a batch repays.
+    From FOLD_MIN_BATCH signals on, and when the signal is at least as large as the weight, the BN-folded weight
+    runs, cut to its live taps (see live_taps), made once and kept in `folded`: making it costs a pass over the
+    weight, which only repays itself against passes over a larger signal (not the seed stem's 1x1-4x4 maps, whose
+    few values are cheaper to scale than their layers' weights are to fold).
     """
-    if g.shape[0] < FOLD_MIN_BATCH:
-        return conv_transpose(g * bn_scale(bn), conv, in_size)
+    if g.shape[0] < FOLD_MIN_BATCH or g.numel() < conv.weight.numel():
+        # Scale the (small) signal instead. A kernel larger than the map is still cut once enough positions pass
+        # through it that the taps it drops cost more than cutting it (a pass over the weight, kept in `folded`).
+        crop = live_taps(conv, g, in_size) if g.shape[0] * g.shape[-2] * g.shape[-1] >= CUT_MIN_POSITIONS else None
+        if crop is None:
+            return conv_transpose(g * bn_scale(bn), conv, in_size)
+        cut = f"{key}{crop}unfolded"
+        if cut not in folded:
+            folded[cut] = _cut(conv.weight, crop)
+        return conv_transpose(g * bn_scale(bn), conv, in_size, folded[cut], crop=crop)
     crop = live_taps(conv, g, in_size)
     name = key if crop is None else f"{key}{crop}"
     if name not in folded:
         w = fold_bn(conv, bn)
-        if crop is not None:
-            w = w[:, :, crop[0][0] : crop[0][1] + 1, crop[1][0] : crop[1][1] + 1].contiguous()
-        folded[name] = w
+        folded[name] = w if crop is None else _cut(w, crop)
     return conv_transpose(g, conv, in_size, folded[name], crop=crop)
+
+
+def _cut(w: torch.Tensor, crop: Crop) -> torch.Tensor:
+    """A kernel cut to the taps `crop` keeps (a contiguous copy of that part only)."""
+    return w[:, :, crop[0][0] : crop[0][1] + 1, crop[1][0] : crop[1][1] + 1].contiguous()
 
 
 def conv_transpose_channels(
