@@ -38,6 +38,14 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        """Wait until `text` appears in the server's log."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the server log after {timeout}s:\n{self.log()[-3000:]}")
+            time.sleep(0.02)
+
     def client(self, timeout: float = 30.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
 

@@ -5,22 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from models.data import load_cifar
 from service.app import create_app
 from service.settings import Settings
-from tests.helpers import ROOT, Server, free_port, link_copy, png_bytes, start_server
+from tests.helpers import SERVE, Server, link_copy, png_bytes, start_server
 
 
 @pytest.fixture(scope="session")
@@ -71,56 +66,21 @@ def server(trained_home: Path, synthetic_data: Path, tmp_path_factory: pytest.Te
     s.stop()
 
 
-@dataclass
-class Serve:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, text: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in the server log after {timeout}s:\n{self.log()[-3000:]}")
-            time.sleep(0.02)
+Serve = Server  # what the `serve` fixture starts: the production entry point, on a free port
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
-    """Start `python -m worker.cli serve` (what `convlens serve` runs) on a free port; killed by PID at teardown."""
-    started: list[Serve] = []
+def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start `python -m worker.cli serve` (what `convlens serve` runs) on a free port, without a local worker;
+    at teardown it and every process it started are killed by PID."""
+    started: list[Server] = []
 
-    def start(home: Path, data: Path, **env: str) -> Serve:
-        port = free_port()
-        full_env = {
-            **os.environ,
-            "CONVLENS_HOME": str(home),
-            "CONVLENS_DATA_DIR": str(data),
-            "CONVLENS_PORT": str(port),
-            "CONVLENS_EMBEDDED_WORKER": "false",
-            "CONVLENS_TORCH_THREADS": "1",
-            "PYTHONPATH": str(ROOT),
-            **env,
-        }
-        log_path = tmp_path / f"serve-{port}.log"
-        with log_path.open("wb") as f:
-            cmd = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port)]
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT)
-        s = Serve(f"http://127.0.0.1:{port}", proc, log_path)
+    def start(home: Path, data: Path, **env: str) -> Server:
+        s = start_server(
+            home, data, {"CONVLENS_EMBEDDED_WORKER": "false", **env}, log_dir=tmp_path, app=SERVE, timeout=90
+        )
         started.append(s)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{s.log()[-3000:]}"
-            try:
-                if httpx.get(s.url + "/health", timeout=1).status_code == 200:
-                    return s
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"serve did not answer /health:\n{s.log()[-3000:]}")
+        return s
 
     yield start
     for s in started:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import Server, add_run, start_server
+from tests.helpers import add_run, start_server
 from tests.service.conftest import Serve
 
 EXIT_BOUND_S = 8.0  # SIGTERM to exit, once nothing is in flight; far below the graceful timeouts set below
@@ -92,7 +92,6 @@ def test_an_open_event_stream_does_not_hold_the_shutdown(
 ) -> None:
     add_run(home, "waiting", status="queued")  # never finishes: nothing trains it
     # A long graceful timeout (bare uvicorn: none at all): only the stream ending by itself can make the bound below.
-    s: Serve | Server
     if entry == "bare uvicorn":
         s = start_server(home, synthetic_data, log_dir=tmp_path)
     else:
@@ -119,5 +118,5 @@ def test_an_open_event_stream_does_not_hold_the_shutdown(
         assert s.proc.wait(EXIT_BOUND_S) == (-signal.SIGTERM if entry == "bare uvicorn" else 0)
         assert time.monotonic() - sigterm_at < EXIT_BOUND_S + 1
     finally:
-        if isinstance(s, Server):
+        if entry == "bare uvicorn":  # the serve fixture stops its own
             s.stop()
