@@ -45,7 +45,7 @@ from models.data import dataset_info, load_cifar  # noqa: E402
 from models.resnet import build_model  # noqa: E402
 from models.runs import TERMINAL, RunStore  # noqa: E402
 from service.images import ImageLimits, prepare  # noqa: E402
-from tests.helpers import SERVE, Server, png_bytes, start_server  # noqa: E402
+from tests.helpers import SERVE, Server, descendants, png_bytes, start_server  # noqa: E402
 
 BOUNDARY = "convlensbenchboundary7c1f"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -184,12 +184,14 @@ def wrk(url: str, conns: int, seconds: float, script: Path, env: dict[str, str])
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its live descendants (API processes), all threads (/proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """User + system CPU time of a process, all its threads, and with `tree` its live descendants (API processes)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # a descendant that exited meanwhile
+        return 0.0
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    kids = [int(k) for f in Path(f"/proc/{pid}/task").glob("*/children") for k in f.read_text().split()]
-    return own + sum(cpu_seconds(k) for k in kids if Path(f"/proc/{k}").exists())
+    return own + sum(cpu_seconds(k, tree=False) for k in descendants(pid)) if tree else own
 
 
 def batch_counters(server: Server) -> tuple[float, float]:

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from bench.wrk_lua import SUMMARY  # noqa: E402
 from models.data import load_cifar  # noqa: E402
 from models.runs import RunStore  # noqa: E402
-from tests.helpers import free_port, png_bytes  # noqa: E402
+from tests.helpers import descendants, free_port, png_bytes  # noqa: E402
 
 BOUNDARY = "convlenssoakboundary5e2a"
 MAX_RSS_RATIO = 1.10
@@ -161,24 +161,6 @@ def rss_kb(pid: int, field: str = "VmRSS") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"no {field} for pid {pid}")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below pid (by parent pid, from /proc)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(text.rsplit(")", 1)[1].split()[1])
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
 
 
 @dataclass

@@ -184,22 +184,18 @@ def bn_conv_transpose(
     weight, which only repays itself against passes over a larger signal (not the seed stem's 1x1-4x4 maps, whose
     few values are cheaper to scale than their layers' weights are to fold).
     """
-    if g.shape[0] < FOLD_MIN_BATCH or g.numel() < conv.weight.numel():
-        # Scale the (small) signal instead. A kernel larger than the map is still cut once enough positions pass
-        # through it that the taps it drops cost more than cutting it (a pass over the weight, kept in `folded`).
-        crop = live_taps(conv, g, in_size) if g.shape[0] * g.shape[-2] * g.shape[-1] >= CUT_MIN_POSITIONS else None
-        if crop is None:
-            return conv_transpose(g * bn_scale(bn), conv, in_size)
-        cut = f"{key}{crop}unfolded"
-        if cut not in folded:
-            folded[cut] = _cut(conv.weight, crop)
-        return conv_transpose(g * bn_scale(bn), conv, in_size, folded[cut], crop=crop)
-    crop = live_taps(conv, g, in_size)
-    name = key if crop is None else f"{key}{crop}"
+    fold = g.shape[0] >= FOLD_MIN_BATCH and g.numel() >= conv.weight.numel()
+    # Otherwise scale the (small) signal; its kernel is still cut once enough positions pass through it that the
+    # taps it drops cost more than cutting it.
+    cut = fold or g.shape[0] * g.shape[-2] * g.shape[-1] >= CUT_MIN_POSITIONS
+    crop = live_taps(conv, g, in_size) if cut else None
+    if not fold and crop is None:
+        return conv_transpose(g * bn_scale(bn), conv, in_size)
+    name = f"{key}{crop or ''}{'' if fold else ' unfolded'}"
     if name not in folded:
-        w = fold_bn(conv, bn)
+        w = fold_bn(conv, bn) if fold else conv.weight
         folded[name] = w if crop is None else _cut(w, crop)
-    return conv_transpose(g, conv, in_size, folded[name], crop=crop)
+    return conv_transpose(g if fold else g * bn_scale(bn), conv, in_size, folded[name], crop=crop)
 
 
 def _cut(w: torch.Tensor, crop: Crop) -> torch.Tensor:

@@ -82,13 +82,6 @@ def build_registry(settings: Settings, store: RunStore, metrics: Metrics | None 
     )
 
 
-def begin_draining(app: FastAPI) -> None:
-    """The server is shutting down: open event streams end now, so they do not hold the shutdown."""
-    draining = getattr(app.state, "draining", None)
-    if draining is not None:
-        draining.set()
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; tests pass their own Settings, the server reads the environment."""
     settings = settings or get_settings()
@@ -103,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms, settings.max_queue_images, metrics)
         batcher.start()
         app.state.settings, app.state.store, app.state.registry, app.state.batcher = settings, store, registry, batcher
-        app.state.draining = asyncio.Event()  # set by begin_draining; made here, on the loop that serves
+        app.state.draining = asyncio.Event()  # set by drain_on_signals; made here, on the loop that serves
         try:
             # Load the default now, so neither the first request nor /ready pays for it; none yet is not fatal.
             await anyio.to_thread.run_sync(registry.get)

@@ -8,8 +8,9 @@ environment, as `convlens serve` leaves it.
 
 Graceful shutdown (SIGTERM or Ctrl-C): uvicorn stops listening at once (new connections are refused), closes idle
 keep-alive connections, and lets requests in flight finish for up to CONVLENS_SHUTDOWN_TIMEOUT_S before it
-cancels them. Open event streams (GET /jobs/{id}/events) would otherwise hold that wait to its end: they are told
-to end first (`begin_draining`), and their clients reconnect with Last-Event-ID. A SIGTERM exits 0.
+cancels them. Open event streams (GET /jobs/{id}/events) would otherwise hold that wait to its end: the app ends
+them on the signal (service.app.drain_on_signals), and their clients reconnect with Last-Event-ID. A SIGTERM
+exits 0.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +36,7 @@ from fastapi import FastAPI  # noqa: E402
 from uvicorn.supervisors import Multiprocess  # noqa: E402
 
 from models.logs import configure as configure_logging  # noqa: E402
-from service.app import begin_draining, create_app  # noqa: E402
+from service.app import create_app  # noqa: E402
 from service.metrics import MULTIPROC_ENV, multiprocess_dir  # noqa: E402
 from service.settings import Settings, get_settings  # noqa: E402
 
@@ -83,19 +83,12 @@ def stop_worker(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIME
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, with two hooks: `on_shutdown` as its graceful shutdown begins (before it waits for the
-    connections), and `on_exit` after it stops. A SIGTERM is a normal stop: it is not re-raised (exit status 0,
-    not -15); a Ctrl-C still is (as KeyboardInterrupt, which `serve` swallows)."""
+    """uvicorn's server, with `on_exit` called after it stops. A SIGTERM is a normal stop: it is not re-raised
+    (exit status 0, not -15); a Ctrl-C still is (as KeyboardInterrupt, which `serve` swallows)."""
 
-    def __init__(
-        self, config: uvicorn.Config, on_exit: Callable[[], None], on_shutdown: Callable[[], None] = lambda: None
-    ) -> None:
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)
-        self.on_exit, self.on_shutdown = on_exit, on_shutdown
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.on_shutdown()
-        await super().shutdown(sockets)
+        self.on_exit = on_exit
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -105,6 +98,20 @@ class _Server(uvicorn.Server):
             finally:
                 self.on_exit()
                 self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+
+def uvicorn_config(app: FastAPI | str, settings: Settings, **more: object) -> uvicorn.Config:
+    """uvicorn's settings for the API, one process or several: the app's RequestIdMiddleware writes the access
+    line (with the request id), and log_config=None leaves uvicorn's loggers to the one handler."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        **more,  # type: ignore[arg-type]
+    )
 
 
 def process_app() -> FastAPI:
@@ -117,28 +124,19 @@ def process_app() -> FastAPI:
 
 def serve_processes(settings: Settings, worker: subprocess.Popen[bytes] | None) -> None:
     """settings.api_processes API processes on one socket, until Ctrl-C or SIGTERM; then the worker stops."""
-    own_dir = None
-    if multiprocess_dir() is None:
+    own_dir, shared = None, multiprocess_dir()
+    if shared is None:
         own_dir = tempfile.mkdtemp(prefix="convlens-metrics-")
         os.environ[MULTIPROC_ENV] = own_dir  # before the processes start: they pick their metric store on import
     else:  # a folder of the operator's: what an earlier run left would be summed in
-        for stale in Path(os.environ[MULTIPROC_ENV]).glob("*.db"):
+        for stale in Path(shared).glob("*.db"):
             stale.unlink(missing_ok=True)
     # The processes read the environment: carry what the caller may have set on the Settings object.
     os.environ |= {"CONVLENS_HOME": str(settings.home), "CONVLENS_HOST": settings.host}
     os.environ |= {"CONVLENS_PORT": str(settings.port), "CONVLENS_API_PROCESSES": str(settings.api_processes)}
     if settings.data_dir:
         os.environ["CONVLENS_DATA_DIR"] = str(settings.data_dir)
-    config = uvicorn.Config(
-        "service.server:process_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.api_processes,
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
+    config = uvicorn_config("service.server:process_app", settings, factory=True, workers=settings.api_processes)
     sock = config.bind_socket()
     try:
         Multiprocess(config, sockets=[sock]).run()  # SIGTERM/Ctrl-C: stops every process gracefully, then returns
@@ -158,17 +156,8 @@ def serve(settings: Settings) -> None:
     if settings.api_processes > 1:
         serve_processes(settings, worker)
         return
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log=False,  # the app's RequestIdMiddleware writes the access line (with the request id)
-        log_config=None,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
     server = _Server(
-        config, on_exit=lambda: stop_worker(worker) if worker else None, on_shutdown=lambda: begin_draining(app)
+        uvicorn_config(create_app(settings), settings), on_exit=lambda: stop_worker(worker) if worker else None
     )
     try:
         server.run()

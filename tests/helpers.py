@@ -19,6 +19,24 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid: children, theirs, and so on (by parent pid, from /proc/*/stat)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(text.rsplit(")", 1)[1].split()[1])
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == parent]
+        out += kids
+        todo += kids
+    return out
+
+
 def free_port() -> int:
     """A TCP port free right now on 127.0.0.1 (the OS picks it)."""
     with socket.socket() as s:

@@ -198,11 +198,18 @@ def retry_after(header: str | None, default: float) -> float:
     return min(max(value, 0.1), MAX_RETRY_AFTER_S)
 
 
+def backoff(failures: int) -> float:
+    """Seconds to wait before reconnecting after this many failures in a row."""
+    return min(2.0 * failures, 10.0)
+
+
 def _detail(r: Any) -> str:
+    """An error answer's `detail`, else its text."""
     try:
-        return str(r.json().get("detail", r.text))
+        body = r.json()
     except ValueError:
         return str(r.text)
+    return str(body.get("detail", r.text)) if isinstance(body, dict) else str(r.text)
 
 
 def watch_job(url: str, job: str, retries: int = 10) -> int:
@@ -221,19 +228,18 @@ def watch_job(url: str, job: str, retries: int = 10) -> int:
                 with httpx.stream(
                     "GET", f"{url}/jobs/{job}/events", headers=headers, timeout=httpx.Timeout(10, read=120)
                 ) as r:
-                    if r.status_code in BUSY and failures < retries:
+                    if r.status_code != 200:
+                        r.read()
+                        if r.status_code not in BUSY or failures >= retries:
+                            bar.write(f"{r.status_code}: {r.text}")
+                            return 2
                         # Busy, not wrong (too many streams open from this address, a full queue, a restart):
                         # wait as the server asks and try again, within the same budget as a lost connection.
-                        r.read()
                         failures += 1
-                        wait = retry_after(r.headers.get("retry-after"), default=min(2.0 * failures, 10.0))
+                        wait = retry_after(r.headers.get("retry-after"), default=backoff(failures))
                         bar.write(f"{r.status_code}: {_detail(r)}; retrying in {wait:g} s")
                         time.sleep(wait)
                         continue
-                    if r.status_code != 200:
-                        r.read()
-                        bar.write(f"{r.status_code}: {r.text}")
-                        return 2
                     for event, data, eid in sse_events(r.iter_lines()):
                         failures, last_id = 0, eid or last_id
                         rec = json.loads(data)
@@ -256,7 +262,7 @@ def watch_job(url: str, job: str, retries: int = 10) -> int:
                 if failures > retries:
                     bar.write(f"lost the event stream: {e}")
                     return 1
-                time.sleep(min(2.0 * failures, 10.0))
+                time.sleep(backoff(failures))
     finally:
         bar.close()
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from models.data import load_cifar
 from service.app import create_app
 from service.settings import Settings
-from tests.helpers import SERVE, Server, link_copy, png_bytes, start_server
+from tests.helpers import SERVE, Server, descendants, link_copy, png_bytes, start_server
 
 
 @pytest.fixture(scope="session")
@@ -66,9 +66,6 @@ def server(trained_home: Path, synthetic_data: Path, tmp_path_factory: pytest.Te
     s.stop()
 
 
-Serve = Server  # what the `serve` fixture starts: the production entry point, on a free port
-
-
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start `python -m worker.cli serve` (what `convlens serve` runs) on a free port, without a local worker;
@@ -90,13 +87,3 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             s.proc.wait(10)
-
-
-def descendants(pid: int) -> list[int]:
-    """The PIDs of a process's children, theirs, and so on (from /proc/<pid>/task/*/children)."""
-    out: list[int] = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            for child in map(int, children.read_text().split()):
-                out += [child, *descendants(child)]
-    return out

@@ -51,7 +51,7 @@ def test_several_methods_equal_the_library(
     for i, m in enumerate(methods):
         np.testing.assert_allclose(got[i], want[m].heatmap[0].numpy(), rtol=1e-4, atol=1e-6, err_msg=m)
     body = client.post("/explain", params={**q, "format": "json"}, **upload(test_pngs[2])).json()
-    probs = torch.softmax(model(x), 1)[0]
+    probs = torch.softmax(model(x), 1)[0].detach()
     predicted = int(probs.argmax())
     assert body["target"] == predicted == body["predicted"]["index"]
     assert body["predicted"]["probability"] == pytest.approx(float(probs[predicted]), rel=1e-5)

@@ -17,15 +17,21 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import add_run
-from tests.service.conftest import Serve, descendants
+from tests.helpers import Server, add_run, descendants
 
 PREDICT_200 = 'convlens_http_requests_total{method="POST",route="/predict",status="200"}'
 
 
 def api_processes(pid: int) -> list[int]:
     """The serving children of a `serve` parent (multiprocessing's spawned processes, not its resource tracker)."""
-    return [p for p in descendants(pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [p for p in descendants(pid) if b"spawn_main" in cmdline(p)]
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:  # exited meanwhile
+        return b""
 
 
 def fresh(method: str, url: str, **kw: Any) -> httpx.Response:
@@ -47,7 +53,7 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def test_two_api_processes_serve_as_one(
-    serve: Callable[..., Serve], home: Path, synthetic_data: Path, test_pngs: list[bytes], tmp_path: Path
+    serve: Callable[..., Server], home: Path, synthetic_data: Path, test_pngs: list[bytes], tmp_path: Path
 ) -> None:
     prom = tmp_path / "prometheus"
     prom.mkdir()

@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import add_run, start_server
-from tests.service.conftest import Serve
+from tests.helpers import Server, add_run, start_server
 
 EXIT_BOUND_S = 8.0  # SIGTERM to exit, once nothing is in flight; far below the graceful timeouts set below
 
@@ -30,7 +29,7 @@ def in_flight(url: str) -> float:
 
 
 def test_sigterm_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_0(
-    serve: Callable[..., Serve], home: Path, synthetic_data: Path, test_pngs: list[bytes]
+    serve: Callable[..., Server], home: Path, synthetic_data: Path, test_pngs: list[bytes]
 ) -> None:
     s = serve(home, synthetic_data)
     files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(test_pngs)]
@@ -88,7 +87,7 @@ def test_sigterm_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_0(
 
 @pytest.mark.parametrize("entry", ["serve", "serve, 2 API processes", "bare uvicorn"])
 def test_an_open_event_stream_does_not_hold_the_shutdown(
-    entry: str, serve: Callable[..., Serve], home: Path, synthetic_data: Path, tmp_path: Path
+    entry: str, serve: Callable[..., Server], home: Path, synthetic_data: Path, tmp_path: Path
 ) -> None:
     add_run(home, "waiting", status="queued")  # never finishes: nothing trains it
     # A long graceful timeout (bare uvicorn: none at all): only the stream ending by itself can make the bound below.
