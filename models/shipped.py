@@ -17,15 +17,26 @@ from typing import Any
 import torch
 
 from models.checkpoints import atomic_write_json, load_checkpoint, meta_path, save_checkpoint
-from models.data import DeviceLoader, dataset_info, load_cifar
+from models.data import Augment, DeviceLoader, dataset_info, load_cifar
 from models.device import resolve_device
 from models.runs import validate_run_id
 
 SHIPPED_DIR = Path(__file__).parent / "weights"
 SHIPPED_ID = "convlens-resnet18-cifar10"
 
+
+def limits(input_size: int = 32) -> list[str]:
+    """The card's known limits for a model that sees `input_size` x `input_size` inputs."""
+    first = "Inputs are resized to 32x32 (centre crop of the shorter side): fine detail of larger photos is lost."
+    if input_size != 32:
+        first = (
+            "Inputs are resized to 32x32 (centre crop of the shorter side), then upsampled to "
+            f"{input_size}x{input_size} as in training: fine detail of larger photos is lost."
+        )
+    return [first, *LIMITS]
+
+
 LIMITS = [
-    "Inputs are resized to 32x32 (centre crop of the shorter side): fine detail of larger photos is lost.",
     "Trained on CIFAR-10's ten classes only: any other object gets one of those ten labels, often confidently.",
     "Photos far from CIFAR-10 (other framing, lighting, cameras, drawings) are out of distribution; "
     "accuracy there is unmeasured and lower.",
@@ -78,8 +89,12 @@ def export_model(
     info = dataset_info(str(meta["dataset"]))
     test = load_cifar(data_root, str(meta["dataset"]), train=False)
 
+    size = int(meta.get("input_size", 32))
+    # A model trained on upsampled images is tested on them upsampled the same way (cfg.resize).
+    aug = Augment(crop=False, flip=False, resize=size if size != test.images.shape[-1] else None)
+
     def batches() -> DeviceLoader:
-        return DeviceLoader(test, 500, info.mean, info.std, dev, shuffle=False)
+        return DeviceLoader(test, 500, info.mean, info.std, dev, aug, shuffle=False)
 
     t0 = time.perf_counter()
     plain = evaluate(shipped, batches(), dev, info.num_classes)
@@ -106,7 +121,7 @@ def export_model(
         "val_acc": (meta.get("metrics") or {}).get("val_acc"),
         "fp32_test_acc": (meta.get("metrics") or {}).get("test_acc"),
         "eval_seconds": time.perf_counter() - t0,
-        "limits": LIMITS,
+        "limits": limits(size),
     }
     smeta = json.loads(meta_path(half).read_text())
     smeta["card"] = card

@@ -13,12 +13,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from models.checkpoints import load_checkpoint, sha256_file
-from models.data import DATASETS, DeviceLoader, load_cifar
+from models.config import TrainConfig
+from models.data import DATASETS, Augment, DeviceLoader, load_cifar
 from models.runs import RunStore
 from models.shipped import export_model
 from models.trainer import evaluate
 from tests.service.conftest import make_client
 from worker.cli import main
+from worker.jobs import execute_run
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,28 @@ def test_export_writes_half_precision_and_a_measured_card(exported: Path, synthe
     assert card["test_acc"] == pytest.approx(ev["acc"]) and meta["confusion"] == ev["confusion"]
     assert set(card["per_class_acc"]) == set(meta["classes"]) and 0 <= card["test_acc_tta_flip"] <= 1
     assert card["recipe"]["epochs"] == 1 and card["limits"] and card["hardware"]["cores"] >= 1
+
+
+def test_export_tests_an_upsampled_model_on_upsampled_images(synthetic_data: Path, tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "home")
+    cfg = TrainConfig(epochs=1, batch_size=50, val_size=100, train_limit=200, milestones=[], resize=40)
+    store.create_run(cfg.model_dump(), run_id="up")
+    run = execute_run(store, "up", synthetic_data, device="cpu", tensorboard=False)
+    assert run["status"] == "succeeded", run
+    best = tmp_path / "home" / "runs" / "up" / "checkpoints" / "best"
+    meta = export_model(best, tmp_path / "out", "up-shipped", synthetic_data, run)
+    model, smeta = load_checkpoint(tmp_path / "out" / "up-shipped")
+    assert smeta["input_size"] == 40 and "40x40" in meta["card"]["limits"][0]
+    info = DATASETS["cifar10"]
+    test = load_cifar(synthetic_data, "cifar10", train=False)
+
+    def ev(size: int | None) -> dict:
+        loader = DeviceLoader(test, 100, info.mean, info.std, augment=Augment(False, False, size), shuffle=False)
+        return evaluate(model, loader, torch.device("cpu"), 10)
+
+    up, native = ev(40), ev(None)
+    assert up["loss"] != pytest.approx(native["loss"])  # the two input sizes are told apart
+    assert meta["card"]["test_loss"] == pytest.approx(up["loss"]) and meta["confusion"] == up["confusion"]
 
 
 def test_fresh_home_serves_the_shipped_default_and_its_card(exported: Path, tmp_path: Path) -> None:
