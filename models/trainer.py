@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,9 +34,11 @@ from models.data import (
     make_dataloader,
     train_val_split,
 )
-from models.device import resolve_device
+from models.device import cpu_bf16_flags, resolve_device, use_bf16
 from models.resnet import build_model
 from models.runs import MetricsLog
+
+_log = logging.getLogger("convlens.trainer")
 
 Progress = Callable[[dict[str, Any]], None]
 CancelCheck = Callable[[], bool]
@@ -91,6 +94,7 @@ def evaluate(
     device: torch.device,
     num_classes: int,
     tta_flip: bool = False,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix (rows: true class) of a model in eval mode."""
     was_training = model.training
@@ -99,7 +103,7 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device):
+        with _autocast(device, bf16):
             logits = model(x).float()
             if tta_flip:
                 logits = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).log()
@@ -112,10 +116,10 @@ def evaluate(
     return {"loss": loss_sum / max(n, 1), "acc": acc, "n": n, "confusion": confusion.tolist()}
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    # bf16 autocast on CUDA only: on this CPU it is slower and changes the numbers the tests compare.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast where `use_bf16` chose it (CUDA; a CPU with bf16 instructions when asked), else nothing."""
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -180,9 +184,19 @@ def train(
     test_ds = load_cifar(data_root, cfg.dataset, train=False)
     classes = full.classes
 
+    bf16 = use_bf16(dev, cfg.precision)
+    # channels_last is what oneDNN's and cuDNN's bf16 kernels want; float32 on the CPU keeps NCHW.
+    channels_last = bf16 or dev.type == "cuda"
+    _log.info(
+        "training on %s in %s (precision=%s, CPU bf16 flags: %s)",
+        dev,
+        "bf16 autocast" if bf16 else "float32",
+        cfg.precision,
+        ",".join(cpu_bf16_flags()) or "none",
+    )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, info.num_classes).to(dev)
-    if dev.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = _batches(cfg, train_ds, dev, True, gen)
@@ -222,9 +236,9 @@ def train(
             window_t, window_n = time.monotonic(), 0
             for x, y in loader:
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                if dev.type == "cuda":
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(dev):
+                with _autocast(dev, bf16):
                     logits = model(x)
                     loss = criterion(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
@@ -275,7 +289,7 @@ def train(
                 progress(
                     {"phase": "eval", "epoch": epoch, "epochs": cfg.epochs, "step": step, "total_steps": total_steps}
                 )
-            ev = evaluate(model, _batches(cfg, eval_ds, dev, False, gen), dev, info.num_classes)
+            ev = evaluate(model, _batches(cfg, eval_ds, dev, False, gen), dev, info.num_classes, bf16=bf16)
             rec = {
                 "kind": "epoch",
                 "step": step,
@@ -332,7 +346,7 @@ def train(
     best = ckdir / "best"
     if cancelled:
         return TrainResult("cancelled", epoch - 1, step, best_epoch, {}, best if meta_path(best).is_file() else None)
-    final = _final_test(cfg, model, best, test_ds, dev, gen, info.num_classes, progress)
+    final = _final_test(cfg, model, best, test_ds, dev, gen, info.num_classes, progress, bf16)
     log.append([{"kind": "final", "step": step, "epoch": cfg.epochs, **final, "time": time.time()}])
     return TrainResult("succeeded", cfg.epochs, step, best_epoch, final, best)
 
@@ -346,6 +360,7 @@ def _final_test(
     gen: torch.Generator,
     num_classes: int,
     progress: Progress | None,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Report the test set once: for the final weights and for the best (by validation) checkpoint."""
     import json
@@ -355,19 +370,19 @@ def _final_test(
     if progress:
         progress({"phase": "test", "epoch": cfg.epochs})
     batches = lambda: _batches(cfg, test_ds, dev, False, gen)  # noqa: E731
-    final_ev = evaluate(model, batches(), dev, num_classes)
+    final_ev = evaluate(model, batches(), dev, num_classes, bf16=bf16)
     out: dict[str, Any] = {"final_test_acc": final_ev["acc"], "final_test_loss": final_ev["loss"]}
     if meta_path(best).is_file():
         meta = json.loads(meta_path(best).read_text())
         ev = final_ev
         if meta["epoch"] != cfg.epochs:  # the best epoch is not the last: test its weights too
             load_state_dict(model, load_weights(weights_path(best)), str(best))
-            ev = evaluate(model, batches(), dev, num_classes)
+            ev = evaluate(model, batches(), dev, num_classes, bf16=bf16)
         out.update(
             {"test_acc": ev["acc"], "test_loss": ev["loss"], "best_epoch": meta["epoch"], "confusion": ev["confusion"]}
         )
         if cfg.tta_flip:
-            out["test_acc_tta"] = evaluate(model, batches(), dev, num_classes, tta_flip=True)["acc"]
+            out["test_acc_tta"] = evaluate(model, batches(), dev, num_classes, tta_flip=True, bf16=bf16)["acc"]
         meta["metrics"] = {**meta.get("metrics", {}), **{k: v for k, v in out.items() if k != "confusion"}}
         meta["confusion"] = ev["confusion"]
         atomic_write_json(meta_path(best), meta)
