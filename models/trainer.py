@@ -159,6 +159,48 @@ def checkpoint_meta(
     }
 
 
+@dataclass
+class _Session:
+    """Everything one call of `train` holds: data, model, optimiser, logs, and the counters a resume restores."""
+
+    cfg: TrainConfig
+    dev: torch.device
+    bf16: bool
+    channels_last: bool
+    ckdir: Path
+    log: MetricsLog
+    writer: Any
+    classes: list[str]
+    num_classes: int
+    train_ds: ArrayDataset
+    eval_ds: ArrayDataset
+    eval_name: str
+    test_ds: ArrayDataset
+    model: nn.Module
+    gen: torch.Generator
+    loader: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    per_step: bool
+    criterion: nn.Module
+    progress: Progress | None
+    should_cancel: CancelCheck | None
+    step: int = 0
+    best_acc: float = -1.0
+    best_epoch: int | None = None
+    start_epoch: int = 1
+    steps_done_here: int = 0
+    t_start: float = field(default_factory=time.monotonic)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * len(self.loader)
+
+    def report(self, progress: dict[str, Any]) -> None:
+        if self.progress:
+            self.progress({"epochs": self.cfg.epochs, "total_steps": self.total_steps, **progress})
+
+
 def train(
     cfg: TrainConfig,
     run_dir: Path,
@@ -170,29 +212,54 @@ def train(
     tensorboard: bool = True,
 ) -> TrainResult:
     """Train `cfg` into `run_dir` (checkpoints/, metrics.jsonl, tb/), resuming from its state.pt if present."""
-    dev = resolve_device(device)
+    s = _setup(cfg, run_dir, data_root, resolve_device(device), progress, should_cancel, tensorboard)
+    _restore(s, resume)
+    epoch = s.start_epoch - 1
+    try:
+        for epoch in range(s.start_epoch, cfg.epochs + 1):
+            t_epoch = time.monotonic()
+            train_metrics = _train_epoch(s, epoch)
+            if train_metrics is None:  # cancelled mid-epoch: the last checkpoint stands
+                best = s.ckdir / "best"
+                return TrainResult(
+                    "cancelled", epoch - 1, s.step, s.best_epoch, {}, best if meta_path(best).is_file() else None
+                )
+            ev = _evaluate_epoch(s, epoch)
+            _end_epoch(s, epoch, train_metrics, ev, time.monotonic() - t_epoch)
+    finally:
+        if s.writer:
+            s.writer.close()
+    best = s.ckdir / "best"
+    final = _final_test(cfg, s.model, best, s.test_ds, s.dev, s.gen, s.num_classes, progress, s.bf16)
+    s.log.append([{"kind": "final", "step": s.step, "epoch": cfg.epochs, **final, "time": time.time()}])
+    return TrainResult("succeeded", cfg.epochs, s.step, s.best_epoch, final, best)
+
+
+def _setup(
+    cfg: TrainConfig,
+    run_dir: Path,
+    data_root: Path,
+    dev: torch.device,
+    progress: Progress | None,
+    should_cancel: CancelCheck | None,
+    tensorboard: bool,
+) -> _Session:
+    """Data, model, optimiser and schedule for `cfg`; the checkpoint folder tidied after any killed attempt."""
     info = dataset_info(cfg.dataset)
     ckdir = run_dir / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     tidy_checkpoints(ckdir)  # saves a killed attempt left unfinished: completed if committed, else dropped
-    log = MetricsLog(run_dir / "metrics.jsonl")
-
     full = load_cifar(data_root, cfg.dataset, train=True)
     if cfg.train_limit is not None:
         full = full.subset(0, min(cfg.train_limit + cfg.val_size, len(full)))
     train_ds, val_ds = train_val_split(full, cfg.val_size)
     test_ds = load_cifar(data_root, cfg.dataset, train=False)
-    classes = full.classes
-
     bf16 = use_bf16(dev, cfg.precision)
     # channels_last is what oneDNN's and cuDNN's bf16 kernels want; float32 on the CPU keeps NCHW.
     channels_last = bf16 or dev.type == "cuda"
+    flags = ",".join(cpu_bf16_flags()) or "none"
     _log.info(
-        "training on %s in %s (precision=%s, CPU bf16 flags: %s)",
-        dev,
-        "bf16 autocast" if bf16 else "float32",
-        cfg.precision,
-        ",".join(cpu_bf16_flags()) or "none",
+        "training on %s, %s (precision=%s, CPU bf16 flags: %s)", dev, "bf16" if bf16 else "fp32", cfg.precision, flags
     )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, info.num_classes).to(dev)
@@ -200,155 +267,146 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = _batches(cfg, train_ds, dev, True, gen)
-    steps_per_epoch = len(loader)
     opt = _optimizer(cfg, model.parameters())
-    sched, per_step = _scheduler(cfg, opt, steps_per_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-    start_epoch, step, best_acc, best_epoch = 1, 0, -1.0, None
-    state_path = ckdir / "state.pt"
-    if resume and state_path.is_file():
-        st = load_state(state_path)
-        load_state_dict(model, st["model"], str(state_path))
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        gen.set_state(st["generator"])
-        start_epoch, step = int(st["epoch"]) + 1, int(st["step"])
-        best_acc, best_epoch = float(st["best_acc"]), st.get("best_epoch")
-        log.truncate_after(step)  # whatever a killed attempt logged past its last checkpoint
-    else:
-        log.truncate_after(0)  # a fresh start: records of an attempt killed before its first checkpoint go
-    total_steps = cfg.epochs * steps_per_epoch
-
-    writer = _summary_writer(run_dir / "tb") if tensorboard else None
+    sched, per_step = _scheduler(cfg, opt, len(loader))
     eval_ds, eval_name = (val_ds, "val") if val_ds is not None else (test_ds, "test")
-    cancelled = False
-    epoch = start_epoch - 1
-    t_start = time.monotonic()
-    steps_done_here = 0
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            model.train()
-            t_epoch = time.monotonic()
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), device=dev, dtype=torch.int64)
-            seen = 0
-            window_t, window_n = time.monotonic(), 0
-            for x, y in loader:
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(dev, bf16):
-                    logits = model(x)
-                    loss = criterion(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if per_step:
-                    sched.step()
-                step += 1
-                steps_done_here += 1
-                bs = int(y.shape[0])
-                seen += bs
-                window_n += bs
-                loss_sum += loss.detach() * bs
-                correct += (logits.argmax(1) == y).sum()
-                if step % cfg.log_every == 0 or seen == len(train_ds):
-                    now = time.monotonic()
-                    ips = window_n / max(now - window_t, 1e-9)
-                    window_t, window_n = now, 0
-                    rec = {
-                        "kind": "step",
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": float(loss.detach()),
-                        "acc": float((logits.detach().argmax(1) == y).float().mean()),
-                        "lr": opt.param_groups[0]["lr"],
-                        "images_per_s": ips,
-                        "time": time.time(),
-                    }
-                    log.append([rec])
-                    if writer:
-                        writer.add_scalar("train/loss", rec["loss"], step)
-                        writer.add_scalar("train/lr", rec["lr"], step)
-                    if progress:
-                        elapsed = now - t_start
-                        eta = elapsed / steps_done_here * (total_steps - step)
-                        progress(
-                            {**rec, "phase": "train", "epochs": cfg.epochs, "total_steps": total_steps, "eta_s": eta}
-                        )
-                if should_cancel and should_cancel():
-                    cancelled = True
-                    break
-            if cancelled:
-                break
-            if not per_step:
-                sched.step()
-            train_metrics = {"loss": float(loss_sum) / max(seen, 1), "acc": float(correct) / max(seen, 1)}
-            if progress:
-                progress(
-                    {"phase": "eval", "epoch": epoch, "epochs": cfg.epochs, "step": step, "total_steps": total_steps}
-                )
-            ev = evaluate(model, _batches(cfg, eval_ds, dev, False, gen), dev, info.num_classes, bf16=bf16)
-            rec = {
-                "kind": "epoch",
-                "step": step,
-                "epoch": epoch,
-                "train_loss": train_metrics["loss"],
-                "train_acc": train_metrics["acc"],
-                f"{eval_name}_loss": ev["loss"],
-                f"{eval_name}_acc": ev["acc"],
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": time.monotonic() - t_epoch,
-                "time": time.time(),
-            }
-            metrics = {k: v for k, v in rec.items() if k not in ("kind", "time")}
-            stem = ckdir / f"epoch-{epoch:04d}"
-            save_checkpoint(model, stem, checkpoint_meta(cfg, classes, epoch, step, metrics))
-            if ev["acc"] > best_acc:
-                best_acc, best_epoch = ev["acc"], epoch
-                save_checkpoint(model, ckdir / "best", checkpoint_meta(cfg, classes, epoch, step, metrics))
-            # The epoch's record goes in before the resume state: a kill in between loses the record with the
-            # state (resume truncates the log to its step), never keeps a state whose record is missing.
-            log.append([{**rec, "best_epoch": best_epoch}])
-            if writer:
-                for k in ("train_loss", "train_acc", f"{eval_name}_loss", f"{eval_name}_acc"):
-                    writer.add_scalar(f"epoch/{k}", rec[k], epoch)
-                writer.flush()
-            save_state(
-                state_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(),
-                    "epoch": epoch,
-                    "step": step,
-                    "best_acc": best_acc,
-                    "best_epoch": best_epoch,
-                },
-            )
-            _prune(ckdir, cfg.keep_last)
-            if progress:
-                progress(
-                    {
-                        **rec,
-                        "phase": "epoch",
-                        "epochs": cfg.epochs,
-                        "total_steps": total_steps,
-                        "best_epoch": best_epoch,
-                    }
-                )
-    finally:
-        if writer:
-            writer.close()
+    return _Session(
+        cfg=cfg, dev=dev, bf16=bf16, channels_last=channels_last, ckdir=ckdir,
+        log=MetricsLog(run_dir / "metrics.jsonl"), writer=_summary_writer(run_dir / "tb") if tensorboard else None,
+        classes=full.classes, num_classes=info.num_classes, train_ds=train_ds, eval_ds=eval_ds, eval_name=eval_name,
+        test_ds=test_ds, model=model, gen=gen, loader=loader, opt=opt, sched=sched, per_step=per_step,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), progress=progress,
+        should_cancel=should_cancel,
+    )  # fmt: skip
 
-    best = ckdir / "best"
-    if cancelled:
-        return TrainResult("cancelled", epoch - 1, step, best_epoch, {}, best if meta_path(best).is_file() else None)
-    final = _final_test(cfg, model, best, test_ds, dev, gen, info.num_classes, progress, bf16)
-    log.append([{"kind": "final", "step": step, "epoch": cfg.epochs, **final, "time": time.time()}])
-    return TrainResult("succeeded", cfg.epochs, step, best_epoch, final, best)
+
+def _restore(s: _Session, resume: bool) -> None:
+    """Continue from state.pt when there is one; drop log records a killed attempt wrote past its checkpoint."""
+    state_path = s.ckdir / "state.pt"
+    if not (resume and state_path.is_file()):
+        s.log.truncate_after(0)  # a fresh start: records of an attempt killed before its first checkpoint go
+        return
+    st = load_state(state_path)
+    load_state_dict(s.model, st["model"], str(state_path))
+    s.opt.load_state_dict(st["optimizer"])
+    s.sched.load_state_dict(st["scheduler"])
+    s.gen.set_state(st["generator"])
+    s.start_epoch, s.step = int(st["epoch"]) + 1, int(st["step"])
+    s.best_acc, s.best_epoch = float(st["best_acc"]), st.get("best_epoch")
+    s.log.truncate_after(s.step)
+
+
+def _train_epoch(s: _Session, epoch: int) -> dict[str, float] | None:
+    """One pass over the training split; its mean loss and accuracy, or None when cancelled."""
+    s.model.train()
+    loss_sum = torch.zeros((), device=s.dev)
+    correct = torch.zeros((), device=s.dev, dtype=torch.int64)
+    seen, window = 0, [time.monotonic(), 0]
+    for x, y in s.loader:
+        x, y = x.to(s.dev, non_blocking=True), y.to(s.dev, non_blocking=True)
+        if s.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(s.dev, s.bf16):
+            logits = s.model(x)
+            loss = s.criterion(logits.float(), y)
+        s.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        s.opt.step()
+        if s.per_step:
+            s.sched.step()
+        s.step += 1
+        s.steps_done_here += 1
+        bs = int(y.shape[0])
+        seen += bs
+        window[1] += bs
+        loss_sum += loss.detach() * bs
+        correct += (logits.argmax(1) == y).sum()
+        if s.step % s.cfg.log_every == 0 or seen == len(s.train_ds):
+            _log_step(s, epoch, loss, logits, y, window)
+        if s.should_cancel and s.should_cancel():
+            return None
+    if not s.per_step:
+        s.sched.step()
+    return {"loss": float(loss_sum) / max(seen, 1), "acc": float(correct) / max(seen, 1)}
+
+
+def _log_step(
+    s: _Session, epoch: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, window: list[float]
+) -> None:
+    """A step record into metrics.jsonl, TensorBoard and the progress callback (images/s over the window)."""
+    now = time.monotonic()
+    ips = window[1] / max(now - window[0], 1e-9)
+    window[0], window[1] = now, 0
+    rec = {
+        "kind": "step",
+        "step": s.step,
+        "epoch": epoch,
+        "loss": float(loss.detach()),
+        "acc": float((logits.detach().argmax(1) == y).float().mean()),
+        "lr": s.opt.param_groups[0]["lr"],
+        "images_per_s": ips,
+        "time": time.time(),
+    }
+    s.log.append([rec])
+    if s.writer:
+        s.writer.add_scalar("train/loss", rec["loss"], s.step)
+        s.writer.add_scalar("train/lr", rec["lr"], s.step)
+    eta = (now - s.t_start) / s.steps_done_here * (s.total_steps - s.step)
+    s.report({**rec, "phase": "train", "eta_s": eta})
+
+
+def _evaluate_epoch(s: _Session, epoch: int) -> dict[str, Any]:
+    """The model on the validation split (the test split when none is held out)."""
+    s.report({"phase": "eval", "epoch": epoch, "step": s.step})
+    batches = _batches(s.cfg, s.eval_ds, s.dev, False, s.gen)
+    return evaluate(s.model, batches, s.dev, s.num_classes, bf16=s.bf16)
+
+
+def _end_epoch(s: _Session, epoch: int, train_metrics: dict[str, float], ev: dict[str, Any], seconds: float) -> None:
+    """Checkpoint (and best), the epoch's record, the resume state, pruning, then progress: in that order."""
+    rec = {
+        "kind": "epoch",
+        "step": s.step,
+        "epoch": epoch,
+        "train_loss": train_metrics["loss"],
+        "train_acc": train_metrics["acc"],
+        f"{s.eval_name}_loss": ev["loss"],
+        f"{s.eval_name}_acc": ev["acc"],
+        "lr": s.opt.param_groups[0]["lr"],
+        "seconds": seconds,
+        "time": time.time(),
+    }
+    metrics = {k: v for k, v in rec.items() if k not in ("kind", "time")}
+    meta = checkpoint_meta(s.cfg, s.classes, epoch, s.step, metrics)
+    save_checkpoint(s.model, s.ckdir / f"epoch-{epoch:04d}", meta)
+    if ev["acc"] > s.best_acc:
+        s.best_acc, s.best_epoch = ev["acc"], epoch
+        save_checkpoint(s.model, s.ckdir / "best", meta)
+    # The epoch's record goes in before the resume state: a kill in between loses the record with the state
+    # (resume truncates the log to its step), never keeps a state whose record is missing.
+    s.log.append([{**rec, "best_epoch": s.best_epoch}])
+    if s.writer:
+        for k in ("train_loss", "train_acc", f"{s.eval_name}_loss", f"{s.eval_name}_acc"):
+            s.writer.add_scalar(f"epoch/{k}", rec[k], epoch)
+        s.writer.flush()
+    _save_resume_state(s, epoch)
+    _prune(s.ckdir, s.cfg.keep_last)
+    s.report({**rec, "phase": "epoch", "best_epoch": s.best_epoch})
+
+
+def _save_resume_state(s: _Session, epoch: int) -> None:
+    """state.pt: what `_restore` needs to continue after `epoch` (tensors and plain containers only)."""
+    state = {
+        "model": s.model.state_dict(),
+        "optimizer": s.opt.state_dict(),
+        "scheduler": s.sched.state_dict(),
+        "generator": s.gen.get_state(),
+        "epoch": epoch,
+        "step": s.step,
+        "best_acc": s.best_acc,
+        "best_epoch": s.best_epoch,
+    }
+    save_state(s.ckdir / "state.pt", state)
 
 
 def _final_test(
