@@ -1,8 +1,14 @@
 """POST /predict under load (wrk, real CIFAR-10 test PNGs) against the bare model and a naive endpoint, in one run.
 
-    .venv/bin/python bench/serve_predict.py [--model-home var] [--data var/data] [--duration 10]
+    .venv/bin/python bench/serve_predict.py [--model-home var | --shipped] [--data var/data] [--duration 10]
         [--concurrency 1 8 32 64] [--api-processes 1 2] [--server-env CONVLENS_BATCH_MAX_WAIT_MS=2 ...]
-        [--json-body] [--out r.json]
+        [--engine torch openvino openvino:bf16] [--accuracy 10000] [--json-body] [--out r.json]
+
+`--engine` runs the service once per engine (CONVLENS_PREDICT_ENGINE[:CONVLENS_PREDICT_PRECISION]; the first is
+the baseline of the ratios) and `--accuracy N` measures top-1 on N test images through each one's /predict. With
+`--json-body`, LitServe runs as a peer on the same weights and images (batch 32, 5 ms; the eager model, as its
+docs serve one) and the ratios against it are printed; it is not a dependency: `.venv/bin/pip install
+litserve==0.2.19`, else the peer is skipped.
 
 Measures, in this order so they never overlap: (a) the bare model's batched in-process throughput (the ceiling),
 the service (`uvicorn service.app:create_app`, micro-batched), and (b) a naive FastAPI endpoint doing one forward
@@ -20,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +42,7 @@ from typing import Any
 
 import httpx
 import torch
-from fastapi import FastAPI, File, UploadFile
+from fastapi import FastAPI, File, Request, UploadFile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,8 +52,8 @@ from models.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from models.data import dataset_info, load_cifar  # noqa: E402
 from models.resnet import build_model  # noqa: E402
 from models.runs import TERMINAL, RunStore  # noqa: E402
-from service.images import ImageLimits, prepare  # noqa: E402
-from tests.helpers import SERVE, Server, descendants, png_bytes, start_server  # noqa: E402
+from service.images import ImageLimits, normalize_batch, prepare, prepare_uint8  # noqa: E402
+from tests.helpers import SERVE, Server, descendants, free_port, png_bytes, start_server  # noqa: E402
 
 BOUNDARY = "convlensbenchboundary7c1f"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -106,6 +114,19 @@ def model_home(arg: Path | None, tmp: Path) -> tuple[Path, str]:
     torch.manual_seed(0)
     save_checkpoint(build_model("resnet18", 10).eval(), store.checkpoints_dir("bench-untrained") / "best", meta)
     return home, "bench-untrained"
+
+
+def shipped_home(tmp: Path) -> tuple[Path, str]:
+    """A temp run store whose one finished run holds the shipped model's checkpoint (hard links)."""
+    from models.shipped import SHIPPED_DIR, SHIPPED_ID
+
+    store = RunStore(tmp / "home")
+    store.create_run({"arch": "resnet18"}, run_id="shipped", status="succeeded")
+    ckpt = store.checkpoints_dir("shipped")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    for ext in (".json", ".safetensors"):
+        os.link(SHIPPED_DIR / f"{SHIPPED_ID}{ext}", ckpt / f"best{ext}")
+    return store.home, "shipped"
 
 
 def test_pngs(data: Path, n: int) -> list[bytes]:
@@ -234,6 +255,99 @@ def check_answers(server: Server, path: str, stem: Path, pngs: list[bytes]) -> i
     return wrong
 
 
+def top1(server: Server, path: str, data: Path, n: int) -> float:
+    """Top-1 accuracy on the first n CIFAR-10 test images through the server's /predict (64 images a request)."""
+    ds = load_cifar(data, "cifar10", train=False)
+    n = min(n, len(ds))
+    right = 0
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        for start in range(0, n, 64):
+            idx = range(start, min(n, start + 64))
+            up = [("files", (f"{i}.png", png_bytes(ds.images[i].permute(1, 2, 0).numpy()), "image/png")) for i in idx]
+            preds = client.post(path, files=up, params={"top_k": 1}).json()["predictions"]
+            right += sum(int(p["top_k"][0]["index"] == int(ds.labels[i])) for p, i in zip(preds, idx, strict=True))
+    return right / n
+
+
+# ---- LitServe, a peer ---------------------------------------------------------------------------------------------
+
+
+try:  # the LitServe peer's API must be importable by name: LitServe pickles it into its inference process
+    from litserve import LitAPI as _LitAPI
+except ImportError:
+    _LitAPI = object
+
+
+class LitClassifier(_LitAPI):  # type: ignore[misc, valid-type]
+    """LitServe's /predict on the same weights: base64 JSON in, top-5 out (the eager model, batched)."""
+
+    def __init__(self, stem: Path) -> None:
+        super().__init__(max_batch_size=32, batch_timeout=0.005)
+        self.stem = stem
+
+    def setup(self, device: str) -> None:
+        self.model, self.meta = load_checkpoint(self.stem)
+
+    def decode_request(self, request: dict[str, Any]) -> torch.Tensor:
+        return prepare_uint8(base64.b64decode(request["images"][0]), self.meta, ImageLimits())
+
+    def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(inputs)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.softmax(self.model(normalize_batch(x, self.meta)), dim=1)
+
+    def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
+        return list(output)
+
+    def encode_response(self, probs: torch.Tensor) -> dict[str, Any]:
+        v, i = probs.topk(5)
+        top = [{"name": CLASSES[j], "index": j, "probability": q} for q, j in zip(v.tolist(), i.tolist(), strict=True)]
+        return {"predictions": [{"image": 0, "top_k": top}]}
+
+
+# LitServe picks how to parse a body by comparing this annotation with starlette's Request (then: JSON); under
+# `from __future__ import annotations` it would see the string "dict[str, Any]" and ask for a query parameter.
+LitClassifier.decode_request.__annotations__["request"] = Request
+
+
+def litserve_peer(stem: Path, port: int) -> None:
+    """Serve LitClassifier on this port until stopped."""
+    import litserve as ls
+
+    server = ls.LitServer(LitClassifier(stem), accelerator="cpu")
+    server.run(host="127.0.0.1", port=port, generate_client_file=False, log_level="warning")
+
+
+def start_peer(stem: Path, log_dir: Path, env: dict[str, str]) -> Server:
+    """Start the LitServe peer (this script with --peer-port) and wait for its /health."""
+    port = free_port()
+    log_path = log_dir / f"litserve-{port}.log"
+    cmd = [sys.executable, __file__, "--peer-port", str(port), "--peer-stem", str(stem)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(server.url + "/health", timeout=1.0).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    stop_peer(server)
+    raise RuntimeError(f"LitServe did not start:\n{server.log()[-3000:]}")
+
+
+def stop_peer(server: Server) -> None:
+    """Stop LitServe and the inference and API processes it started, by PID."""
+    family = descendants(server.proc.pid)
+    server.stop()
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 # ---- the naive baseline -------------------------------------------------------------------------------------------
 
 
@@ -287,15 +401,23 @@ def floor_app() -> Any:
 # ---- main -----------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-home", type=Path, help="a run store with a finished run (default: see above)")
+    ap.add_argument("--shipped", action="store_true", help="bench the shipped model (models/weights)")
     ap.add_argument("--data", type=Path, default=ROOT / "var" / "data", help="holds cifar-10-batches-py")
     ap.add_argument("--images", type=int, default=1000, help="distinct test images to cycle through")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--server-env", nargs="*", default=[], metavar="K=V", help="CONVLENS_* settings for the service")
-    ap.add_argument("--json-body", action="store_true", help="send base64 JSON instead of multipart")
+    ap.add_argument(
+        "--engine", nargs="+", default=["torch", "openvino"], metavar="ENGINE[:PRECISION]",
+        help="the service once per engine, e.g. torch openvino openvino:bf16 (the first is the baseline)",
+    )  # fmt: skip
+    ap.add_argument("--gate-images", type=int, default=1000, help="validation images of the engine's gate")
+    ap.add_argument("--accuracy", type=int, default=0, metavar="N", help="top-1 on N test images through /predict")
+    ap.add_argument("--json-body", action="store_true", help="send base64 JSON instead of multipart (and run LitServe)")
     ap.add_argument("--torch-threads", type=int, help="torch threads everywhere (default: torch's own, the cores)")
     ap.add_argument(
         "--api-processes", type=int, nargs="+", default=[1], metavar="N", help="also as N API processes, e.g. 1 2"
@@ -303,15 +425,87 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip-floor", action="store_true", help="skip the no-model HTTP floor")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = ap.parse_args()
+    ap.add_argument("--peer-port", type=int, help=argparse.SUPPRESS)  # this script as the LitServe peer
+    ap.add_argument("--peer-stem", type=Path, help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+def engine_env(spec: str) -> dict[str, str]:
+    """`openvino:bf16` -> the service's CONVLENS_PREDICT_* variables."""
+    name, _, precision = spec.partition(":")
+    return {"CONVLENS_PREDICT_ENGINE": name, **({"CONVLENS_PREDICT_PRECISION": precision} if precision else {})}
+
+
+def run_services(args: argparse.Namespace, home: Path, model_id: str, tmp: Path, script: Path, env: dict[str, str],
+                 server_env: dict[str, str], results: dict[str, Any]) -> None:  # fmt: skip
+    """The service once per engine (results["engines"]), the first also as N API processes, and LitServe."""
+    stem = RunStore(home).checkpoints_dir(model_id) / "best"
+    path = f"/predict?model={model_id}"
+    results["engines"], results["accuracy"], results["engine_info"], results["processes"] = {}, {}, {}, {}
+    for spec in args.engine:
+        e_env = {**server_env, **engine_env(spec), "CONVLENS_DATA_DIR": str(args.data)}
+        e_env["CONVLENS_DEFAULT_MODEL"] = model_id  # loaded (and its engine built) before the server answers
+        e_env["CONVLENS_PREDICT_GATE_IMAGES"] = str(args.gate_images)
+        print(f"service (micro-batched), engine {spec} {server_env or ''}")
+        with start_server(home, log_dir=tmp, env=e_env, torch_threads=None, timeout=600) as srv:
+            info = httpx.get(f"{srv.url}/models/{model_id}").json()["predict_engine"]
+            results["engine_info"][spec] = info
+            print(f"  serves with {info['engine']} {info['precision'] or ''}; gate {json.dumps(info['gate'])}"
+                  + (f"; fallback: {info['fallback_reason']}" if info["fallback_reason"] else ""))  # fmt: skip
+            results["wrong_answers"] = results.get("wrong_answers", 0) + check_answers(srv, path, stem, results["pngs"])
+            results["engines"][spec] = drive(srv, path, args.concurrency, args.duration, script, env, service=True)
+            if args.accuracy:
+                results["accuracy"][spec] = top1(srv, path, args.data, args.accuracy)
+                print(f"  top-1 on {args.accuracy} test images through /predict: {results['accuracy'][spec]:.2%}")
+    results["service"] = results["engines"][args.engine[-1]]
+    for n in (n for n in args.api_processes if n > 1):
+        print(f"service, {n} API processes (convlens serve, CONVLENS_API_PROCESSES={n}), engine {args.engine[-1]}")
+        prom = tmp / f"prometheus-{n}"
+        prom.mkdir()
+        n_env = {**server_env, **engine_env(args.engine[-1]), "CONVLENS_API_PROCESSES": str(n)}
+        n_env |= {"CONVLENS_EMBEDDED_WORKER": "false", "PROMETHEUS_MULTIPROC_DIR": str(prom)}  # /metrics sums all
+        with start_server(home, log_dir=tmp, env=n_env, app=SERVE, torch_threads=None, timeout=600) as srv:
+            results["wrong_answers"] += check_answers(srv, path, stem, results["pngs"])
+            results["processes"][n] = drive(srv, path, args.concurrency, args.duration, script, env, service=True)
+    run_litserve(args, stem, tmp, script, env, server_env, results)
+
+
+def run_litserve(args: argparse.Namespace, stem: Path, tmp: Path, script: Path, env: dict[str, str],
+                 server_env: dict[str, str], results: dict[str, Any]) -> None:  # fmt: skip
+    """LitServe as a peer on the same weights and bodies, when installed and the bodies are JSON."""
+    try:
+        import litserve  # noqa: F401
+    except ImportError:
+        print("LitServe peer skipped: not installed (.venv/bin/pip install litserve==0.2.19)")
+        return
+    if not args.json_body:
+        print("LitServe peer skipped: it reads base64 JSON; run with --json-body")
+        return
+    print("LitServe peer (batch 32, 5 ms, eager torch)")
+    peer_env = {"OMP_WAIT_POLICY": server_env["OMP_WAIT_POLICY"], "PYTHONPATH": str(ROOT)}
+    peer = start_peer(stem, tmp, peer_env)
+    try:
+        probe = {"images": [base64.b64encode(results["pngs"][0]).decode()]}
+        answer = httpx.post(peer.url + "/predict", json=probe, timeout=30)
+        if answer.status_code != 200:  # the bench would only count errors: say what is wrong instead
+            raise RuntimeError(f"LitServe answered {answer.status_code}: {answer.text[:500]}")
+        results["litserve"] = drive(peer, "/predict", args.concurrency, args.duration, script, env, service=False)
+    finally:
+        stop_peer(peer)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.peer_port:
+        litserve_peer(args.peer_stem, args.peer_port)
+        return
     if not shutil.which("wrk"):
         sys.exit("wrk is missing: apt-get install -y wrk")
-
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
-        home, model_id = model_home(args.model_home, tmp)
+        home, model_id = shipped_home(tmp) if args.shipped else model_home(args.model_home, tmp)
         stem = RunStore(home).checkpoints_dir(model_id) / "best"
         pngs = test_pngs(args.data, args.images)
         print(f"model {model_id} in {home}; {len(pngs)} CIFAR-10 test PNGs; torch threads {torch.get_num_threads()}")
@@ -331,25 +525,9 @@ def main() -> None:
         if args.torch_threads:
             server_env.setdefault("CONVLENS_TORCH_THREADS", str(args.torch_threads))
         results: dict[str, Any] = {"model": model_id, "ceiling_img_s": ceil, "one_thread_img_s": one}
-        results["server_env"] = server_env
-
-        print(f"service (micro-batched) {server_env or ''}")
-        with start_server(home, log_dir=tmp, env=server_env, torch_threads=None) as srv:
-            path = f"/predict?model={model_id}"
-            results["wrong_answers"] = check_answers(srv, path, stem, pngs)
-            results["service"] = drive(srv, path, args.concurrency, args.duration, script, env, service=True)
-        results["processes"] = {}
-        for n in (n for n in args.api_processes if n > 1):
-            print(f"service, {n} API processes (convlens serve, CONVLENS_API_PROCESSES={n})")
-            prom = tmp / f"prometheus-{n}"
-            prom.mkdir()
-            n_env = {**server_env, "CONVLENS_API_PROCESSES": str(n), "CONVLENS_EMBEDDED_WORKER": "false"}
-            n_env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)  # so /metrics (the mean batch) sums every process
-            with start_server(home, log_dir=tmp, env=n_env, app=SERVE, torch_threads=None) as srv:
-                path = f"/predict?model={model_id}"
-                results["wrong_answers"] += check_answers(srv, path, stem, pngs)
-                rows = drive(srv, path, args.concurrency, args.duration, script, env, service=True)
-                results["processes"][n] = rows
+        results["server_env"], results["pngs"] = server_env, pngs
+        run_services(args, home, model_id, tmp, script, env, server_env, results)
+        del results["pngs"]
         if not args.skip_naive and not args.json_body:
             print("naive endpoint (one forward per request)")
             naive_env = {"BENCH_MODEL_STEM": str(stem), "BENCH_TORCH_THREADS": str(args.torch_threads or "")}
@@ -404,8 +582,39 @@ def report(results: dict[str, Any]) -> None:
               f"of the ceiling, {by_c[top]['rps'] / svc[top]['rps']:.2f}x one process{p99}")  # fmt: skip
     if 32 in svc:
         print(f"p99 @ c=32: {svc[32]['p99_ms']:.1f} ms")
+    if 1 in svc:
+        print(f"p50 @ c=1: {svc[1]['p50_ms']:.1f} ms")
+    report_peers(results)
+    others = [(name, key) for name, key in (("naive", "naive"), ("LitServe", "litserve")) if key in results]
     print(f"errors: service {sum(r['errors'] for r in results['service'])}"
-          + (f", naive {sum(r['errors'] for r in results['naive'])}" if "naive" in results else ""))  # fmt: skip
+          + "".join(f", {name} {sum(r['errors'] for r in results[key])}" for name, key in others))  # fmt: skip
+
+
+def row_text(r: dict[str, Any]) -> str:
+    """One wrk run in a few figures (CPU-ms a request: the server's, all its processes)."""
+    return f"{r['rps']:.0f} req/s p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.0f} ms {r['cpu_ms_per_req']:.2f} CPU-ms/req"
+
+
+def report_peers(results: dict[str, Any]) -> None:
+    """Each engine against the first (the baseline) and against LitServe, per concurrency, from this one run."""
+    engines = {spec: {r["concurrency"]: r for r in rows} for spec, rows in results.get("engines", {}).items()}
+    peer = {r["concurrency"]: r for r in results.get("litserve", [])}
+    base = next(iter(engines), "")
+    for spec, rows in engines.items():
+        print(f"engine {spec}:")
+        for c, r in rows.items():
+            part = f"  c={c}: {row_text(r)}"
+            if spec != base:
+                part += f" = {r['rps'] / engines[base][c]['rps']:.2f}x {base}"
+            if c in peer:  # CPU a request as well: on shared cores it moves less than req/s with others' load
+                less = peer[c]["cpu_ms_per_req"] / r["cpu_ms_per_req"]
+                part += f", {r['rps'] / peer[c]['rps']:.2f}x LitServe (CPU a request {less:.2f}x less)"
+            print(part)
+        acc = results.get("accuracy", {}).get(spec)
+        if acc is not None:
+            print(f"  top-1 through /predict: {acc:.2%}")
+    for c, r in peer.items():
+        print(f"LitServe c={c}: {row_text(r)}")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ class Batcher:
         with torch.inference_mode():
             for chunk in x.split(self.max_batch):  # a single huge request still runs in bounded batches
                 t0 = time.perf_counter()
-                logits = model.model(chunk.to(model.device, non_blocking=True))
+                forward = model.predict_forward or model.model
+                logits = forward(chunk.to(model.device, non_blocking=True))
                 parts.append(torch.softmax(logits.float(), dim=1).cpu())
                 if self.metrics:
                     self.metrics.batch_seconds.observe(time.perf_counter() - t0)

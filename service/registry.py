@@ -19,6 +19,7 @@ from models.checkpoints import atomic_write_json, load_checkpoint, meta_path, re
 from models.device import resolve_device
 from models.errors import CheckpointError, InvalidArgument
 from models.runs import RUN_ID_RE, TERMINAL, RunStore, validate_run_id
+from service.engine import EngineConfig, Forward, build_engine
 from service.errors import ModelNotFound, NoModel
 
 log = logging.getLogger("convlens.registry")
@@ -66,6 +67,10 @@ class LoadedModel:
     stem: Path
     device: torch.device
     load_seconds: float
+    # /predict's forward (logits) when a compiled engine serves it, else None: the eager `model` serves.
+    predict_forward: Forward | None = field(default=None, repr=False, compare=False)
+    # {engine, precision, gate results, fallback reason}, shown on /models/{id}
+    engine: dict[str, Any] = field(default_factory=lambda: {"engine": "torch"}, compare=False)
 
     @property
     def classes(self) -> list[str]:
@@ -174,6 +179,7 @@ class ModelRegistry:
         default_model: str | None = None,
         on_load: Callable[[str, float], None] | None = None,
         default_check_s: float = 2.0,
+        engine: EngineConfig | None = None,
     ) -> None:
         self.store = store
         self.sources: list[tuple[str, ModelSource]] = [
@@ -186,6 +192,7 @@ class ModelRegistry:
         self.fallback_default = default_model
         self.on_load = on_load
         self.default_check_s = default_check_s
+        self.engine = engine or EngineConfig(engine="torch")  # a server passes its own (service.app)
         self._lock = threading.RLock()  # guards entries, cache and scans; never held while loading weights
         self._load_locks: dict[str, threading.Lock] = {}
         self._entries: dict[str, ModelEntry] = {}
@@ -289,6 +296,12 @@ class ModelRegistry:
         hit = self.cached(mid)
         return hit if hit is not None else await run_in_threadpool(self.get, mid)
 
+    def engine_of(self, model_id: str) -> dict[str, Any] | None:
+        """What serves a loaded model's /predict ({engine, precision, gate, fallback_reason}); None if not loaded."""
+        with self._lock:
+            hit = self._cache.get(model_id)
+            return hit.engine if hit is not None else None
+
     def loaded_ids(self) -> list[str]:
         with self._lock:
             return list(self._cache)
@@ -319,11 +332,12 @@ class ModelRegistry:
         size = int(meta.get("input_size", 32))
         with torch.inference_mode():  # warm-up: the first forward allocates; keep that off a user's request
             model(torch.zeros(1, 3, size, size, device=self.device))
+        forward, engine = build_engine(model, meta, entry.stem, self.device, self.engine)
         dt = time.perf_counter() - t0
-        log.info("loaded model %s from %s in %.2fs", entry.id, entry.stem, dt)
+        log.info("loaded model %s from %s in %.2fs (/predict: %s)", entry.id, entry.stem, dt, engine["engine"])
         if self.on_load:
             self.on_load(entry.id, dt)
-        return LoadedModel(entry.id, model, meta, entry.stem, self.device, dt)
+        return LoadedModel(entry.id, model, meta, entry.stem, self.device, dt, forward, engine)
 
 
 def validate_model_id(model_id: str) -> str:

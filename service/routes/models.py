@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from models import render
@@ -22,6 +23,24 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "no model with that id"},
     422: {"description": "the id is not a valid model id"},
 }
+
+
+class PredictEngine(BaseModel):
+    """What runs the model's /predict forward (service.engine), and the check it passed or failed at load."""
+
+    engine: str = Field(description="openvino (compiled for the CPU) or torch (eager)", examples=["openvino"])
+    precision: str | None = Field(None, description="f32 or bf16", examples=["f32"])
+    version: str | None = Field(None, description="the engine's version")
+    gate: dict[str, Any] | None = Field(
+        None, description="logits vs torch on a probe batch, top-1 agreement and accuracy change on validation data"
+    )
+    fallback_reason: str | None = Field(None, description="why the engine (or a precision) was not used")
+
+
+class ModelDetailWithEngine(ModelDetail):
+    """ModelDetail plus what serves /predict."""
+
+    predict_engine: PredictEngine | None = Field(None, description="what serves /predict; null until loaded")
 
 
 def _default_or_none(registry: ModelRegistry) -> str | None:
@@ -47,11 +66,11 @@ def _summary(e: ModelEntry, default: str | None, loaded: list[str]) -> dict[str,
     }
 
 
-def _detail(e: ModelEntry, registry: ModelRegistry) -> ModelDetail:
+def _detail(e: ModelEntry, registry: ModelRegistry) -> ModelDetailWithEngine:
     m = e.meta
     n = int(m["num_classes"])
     classes = [str(c) for c in m.get("classes") or []]
-    return ModelDetail.model_validate(
+    return ModelDetailWithEngine.model_validate(
         {
             **_summary(e, _default_or_none(registry), registry.loaded_ids()),
             "classes": classes if len(classes) == n else [str(i) for i in range(n)],
@@ -63,6 +82,7 @@ def _detail(e: ModelEntry, registry: ModelRegistry) -> ModelDetail:
             "sha256": m.get("sha256"),
             "card": m.get("card"),
             "confusion": m.get("confusion"),
+            "predict_engine": registry.engine_of(e.id),
         }
     )
 
@@ -77,20 +97,20 @@ def list_models(registry: RegistryDep) -> ModelList:
     )
 
 
-@router.get("/{model_id}", response_model=ModelDetail, responses=NOT_FOUND, summary="One model's details")
-def get_model(model_id: str, registry: RegistryDep) -> ModelDetail:
+@router.get("/{model_id}", response_model=ModelDetailWithEngine, responses=NOT_FOUND, summary="One model's details")
+def get_model(model_id: str, registry: RegistryDep) -> ModelDetailWithEngine:
     """Architecture, dataset, classes, normalisation, metrics and training config of one model."""
     return _detail(registry.entry(model_id), registry)
 
 
 @router.post(
     "/{model_id}/default",
-    response_model=ModelDetail,
+    response_model=ModelDetailWithEngine,
     responses={**NOT_FOUND, 401: AUTH_401, 503: {"description": "the checkpoint cannot be loaded"}},
     summary="Make a model the default",
     dependencies=[WriteAccess],
 )
-async def set_default(model_id: str, registry: RegistryDep) -> ModelDetail:
+async def set_default(model_id: str, registry: RegistryDep) -> ModelDetailWithEngine:
     """Load the model, then record it in registry.json; requests already running finish on the old default."""
     entry = await run_in_threadpool(registry.set_default, model_id)
     return _detail(entry, registry)
