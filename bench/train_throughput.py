@@ -1,25 +1,35 @@
 """Training input paths vs the bare model step, on the real CIFAR-10, in one process.
 
     .venv/bin/python bench/train_throughput.py [--data var/data] [--batches 100] [--arch resnet18]
+    .venv/bin/python bench/train_throughput.py --timelapse [--train-limit 45000] [--rounds 2]
 
 Prints seconds per epoch (45,000 training images) for: the bare train step on pre-made batches (the ceiling),
 the device-resident loader (the trainer's default), and the torchvision DataLoader path (0 and 2 workers),
 with each path's ratio to the bare step. Timings interleave the paths in rounds and keep the best round,
 since the machine is shared and noisy.
+
+`--timelapse` instead runs the real trainer (`models.trainer.train`, TensorBoard on) with conv1 snapshots and
+per-layer statistics off and on, alternating in rounds, and prints each one's best epoch (train, evaluation,
+checkpoint: everything an epoch costs) and the on/off ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from models.config import TrainConfig
 from models.data import Augment, DeviceLoader, dataset_info, load_cifar, make_dataloader, train_val_split
 from models.resnet import build_model
+from models.runs import MetricsLog
+from models.trainer import train
 
 EPOCH_IMAGES = 45_000
 
@@ -52,6 +62,60 @@ def timed(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int, step: ob
     return (time.perf_counter() - t0) / images
 
 
+def timelapse_ab(ns: argparse.Namespace) -> None:
+    """The trainer's epoch with snapshots and statistics off vs on, interleaved; the best epoch of each.
+
+    Wall seconds are the epoch records' (train, evaluation, checkpoint, timelapse); CPU seconds are this
+    process's between the end-of-epoch progress reports, so epoch 1 (which includes the setup) has none. On a
+    shared machine the CPU figure is the steadier one.
+    """
+    cfg = TrainConfig(
+        arch=ns.arch,
+        batch_size=ns.batch_size,
+        epochs=ns.epochs,
+        train_limit=ns.train_limit,
+        val_size=ns.val_size,
+        milestones=[],
+    )
+    images = min(ns.train_limit, EPOCH_IMAGES)
+    wall = {False: float("inf"), True: float("inf")}
+    cpu = {False: float("inf"), True: float("inf")}
+    own: list[tuple[float, float]] = []  # (the timelapse's own seconds, the epoch's seconds) of each epoch with it
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(ns.rounds):
+            for on in (False, True):
+                run_dir = Path(tmp) / f"round{r}-{'on' if on else 'off'}"
+                ends: list[float] = []
+
+                def at_epoch_end(p: dict[str, object], ends: list[float] = ends) -> None:
+                    if p.get("phase") == "epoch":
+                        ends.append(time.process_time())
+
+                train(cfg, run_dir, Path(ns.data), "cpu", progress=at_epoch_end, tensorboard=True, timelapse=on)
+                recs = MetricsLog(run_dir / "metrics.jsonl").read()
+                seconds = [x["seconds"] for x in recs if x["kind"] == "epoch"]
+                own += zip([x["seconds"] for x in recs if x["kind"] == "layers" and x["epoch"]], seconds, strict=False)
+                cpus = [b - a for a, b in itertools.pairwise(ends)]
+                wall[on] = min(wall[on], *seconds)
+                cpu[on] = min(cpu[on], *cpus) if cpus else cpu[on]
+                shown = "; ".join(", ".join(f"{x:.2f}" for x in xs) for xs in (seconds, cpus))
+                print(f"round {r} timelapse={'on ' if on else 'off'} epoch wall s; CPU s: {shown}", flush=True)
+    print(
+        f"arch={ns.arch} batch={ns.batch_size} threads={torch.get_num_threads()} images/epoch={images} "
+        f"val={ns.val_size} epochs={ns.epochs} rounds={ns.rounds}"
+    )
+    print(f"{'timelapse':10} {'wall s/epoch':>12} {'images/s':>9} {'CPU s/epoch':>12}")
+    for on in (False, True):
+        print(f"{'on' if on else 'off':10} {wall[on]:12.2f} {images / wall[on]:9.1f} {cpu[on]:12.2f}")
+    for name, t in (("wall", wall), ("CPU", cpu)):
+        print(f"on/off {name} time per epoch: {t[True] / t[False]:.4f} ({100 * (t[True] / t[False] - 1):+.2f}%)")
+    mean_own, mean_epoch = (sum(x) / len(own) for x in zip(*own, strict=True))
+    print(
+        f"the timelapse's own work (its `layers` records' seconds): {mean_own:.2f} s an epoch, "
+        f"{100 * mean_own / mean_epoch:.2f}% of the epochs it ran in"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="var/data")
@@ -59,7 +123,14 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=60, help="timed batches per path per round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--timelapse", action="store_true", help="A/B the trainer with snapshots+statistics off/on")
+    ap.add_argument("--train-limit", type=int, default=EPOCH_IMAGES, help="--timelapse: training images an epoch")
+    ap.add_argument("--epochs", type=int, default=1, help="--timelapse: epochs a run")
+    ap.add_argument("--val-size", type=int, default=5000, help="--timelapse: validation images (evaluated each epoch)")
     ns = ap.parse_args()
+    if ns.timelapse:
+        timelapse_ab(ns)
+        return
 
     info = dataset_info("cifar10")
     train, _ = train_val_split(load_cifar(ns.data, "cifar10", train=True), 5000)

@@ -37,6 +37,7 @@ from models.data import (
 from models.device import cpu_bf16_flags, resolve_device, use_bf16
 from models.resnet import build_model
 from models.runs import MetricsLog
+from models.timelapse import Timelapse, probe_batch
 
 _log = logging.getLogger("convlens.trainer")
 
@@ -185,6 +186,7 @@ class _Session:
     criterion: nn.Module
     progress: Progress | None
     should_cancel: CancelCheck | None
+    lapse: Timelapse | None = None  # conv1 snapshots and layer statistics (models/timelapse.py)
     step: int = 0
     best_acc: float = -1.0
     best_epoch: int | None = None
@@ -210,10 +212,13 @@ def train(
     should_cancel: CancelCheck | None = None,
     resume: bool = True,
     tensorboard: bool = True,
+    timelapse: bool = True,
 ) -> TrainResult:
-    """Train `cfg` into `run_dir` (checkpoints/, metrics.jsonl, tb/), resuming from its state.pt if present."""
+    """Train `cfg` into `run_dir` (checkpoints/, snapshots/, metrics.jsonl, tb/), resuming from its state.pt."""
     s = _setup(cfg, run_dir, data_root, resolve_device(device), progress, should_cancel, tensorboard)
     _restore(s, resume)
+    if timelapse:
+        s.lapse = _start_timelapse(s, run_dir)
     epoch = s.start_epoch - 1
     try:
         for epoch in range(s.start_epoch, cfg.epochs + 1):
@@ -296,6 +301,14 @@ def _restore(s: _Session, resume: bool) -> None:
     s.log.truncate_after(s.step)
 
 
+def _start_timelapse(s: _Session, run_dir: Path) -> Timelapse:
+    """Snapshots and layer statistics from the restored epoch on (a fresh run: from the initialisation)."""
+    probe = probe_batch(s.eval_ds, s.cfg.dataset, s.dev, s.cfg.resize, s.channels_last)
+    lapse = Timelapse(s.model, run_dir, probe, lambda: _autocast(s.dev, s.bf16), s.writer)
+    lapse.start(s.start_epoch - 1, s.step)
+    return lapse
+
+
 def _train_epoch(s: _Session, epoch: int) -> dict[str, float] | None:
     """One pass over the training split; its mean loss and accuracy, or None when cancelled."""
     s.model.train()
@@ -348,6 +361,8 @@ def _log_step(
         "time": time.time(),
     }
     s.log.append([rec])
+    if s.lapse:
+        s.lapse.observe_gradients()  # the step's gradients are still there: zero_grad comes in the next step
     if s.writer:
         s.writer.add_scalar("train/loss", rec["loss"], s.step)
         s.writer.add_scalar("train/lr", rec["lr"], s.step)
@@ -382,9 +397,10 @@ def _end_epoch(s: _Session, epoch: int, train_metrics: dict[str, float], ev: dic
     if ev["acc"] > s.best_acc:
         s.best_acc, s.best_epoch = ev["acc"], epoch
         save_checkpoint(s.model, s.ckdir / "best", meta)
-    # The epoch's record goes in before the resume state: a kill in between loses the record with the state
-    # (resume truncates the log to its step), never keeps a state whose record is missing.
-    s.log.append([{**rec, "best_epoch": s.best_epoch}])
+    layers = s.lapse.end_epoch(epoch, s.step) if s.lapse else []  # conv1's snapshot and the layers' statistics
+    # The epoch's records go in before the resume state: a kill in between loses them with the state (resume
+    # truncates the log to its step and drops later snapshots), never keeps a state whose records are missing.
+    s.log.append([*layers, {**rec, "best_epoch": s.best_epoch}])
     if s.writer:
         for k in ("train_loss", "train_acc", f"{s.eval_name}_loss", f"{s.eval_name}_acc"):
             s.writer.add_scalar(f"epoch/{k}", rec[k], epoch)
