@@ -63,6 +63,8 @@ COPY pyproject.toml README.md /src/
 COPY models /src/models
 COPY service /src/service
 COPY worker /src/worker
+COPY jobqueue /src/jobqueue
+COPY convlens /src/convlens
 RUN pip wheel --no-deps --no-build-isolation --no-index --wheel-dir /wheels /src
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ COPY --from=wheel /wheels /tmp/wheels
 RUN pip install --no-deps --no-index /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels \
  && pip check \
- && python -c "import models, service, worker, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+ && python -c "import models, service, worker, jobqueue, convlens, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 LABEL org.opencontainers.image.title="convlens" \
       org.opencontainers.image.description="ConvLens API and training worker (ResNet18 on CIFAR)" \
@@ -111,6 +113,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s%s' % (os.environ.get('CONVLENS_PORT', '8000'), os.environ.get('CONVLENS_HEALTHCHECK_PATH', '/health')), timeout=4)"]
 
-# The API (service/server.py: uvicorn on $CONVLENS_HOST:$CONVLENS_PORT). With no CONVLENS_BROKER_URL it also
+# The API (`convlens serve`: uvicorn on $CONVLENS_HOST:$CONVLENS_PORT). With no CONVLENS_BROKER_URL it also
 # runs a local worker on the embedded file queue, so a single `docker run` is a complete install.
-CMD ["python", "-m", "service.server"]
+CMD ["convlens", "serve"]

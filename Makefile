@@ -3,8 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CODE := models service worker jobqueue convlens
 
-.PHONY: install test lint typecheck pytest serve worker bench data docker-base-images docker-e2e clean
+.PHONY: install test test-fast lint typecheck pytest serve worker bench data docker-base-images docker-e2e clean
 
 # Create .venv and install the project with its dev tools (pip takes torch's wheels from this disk).
 $(STAMP): pyproject.toml
@@ -16,17 +17,22 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check models service worker tests bench
-	$(BIN)/ruff format --check models service worker tests bench
+	$(BIN)/ruff check $(CODE) tests bench
+	$(BIN)/ruff format --check $(CODE) tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy models service worker
+	$(BIN)/mypy $(CODE)
 
+# The whole suite, then the ten slowest tests.
 pytest: $(STAMP)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q --durations=10 $(PYTEST_ARGS)
 
-# The README's test command: lint, types, then the whole test suite.
+# The README's test command (and CI's): lint, types, then the whole test suite.
 test: lint typecheck pytest
+
+# The inner loop: lint, types and every test not marked slow (no browser, docker or multi-process tests).
+test-fast: lint typecheck
+	$(BIN)/pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 serve: $(STAMP)
 	$(BIN)/convlens serve
@@ -36,7 +42,7 @@ worker: $(STAMP)
 
 # Real CIFAR-10 into var/data (for training and benchmarks; the tests make their own synthetic data).
 data: $(STAMP)
-	PYTHON=$(BIN)/python ../shared/data/fetch-cifar10.sh var/data
+	$(BIN)/convlens data cifar10 --dest var/data
 
 # Containers (needs a running Docker engine): stand-in base images when no registry answers, then the e2e proof.
 docker-base-images:

@@ -18,42 +18,25 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from convlens.watch import sse_events  # noqa: E402
 from models.runs import RunStore  # noqa: E402
 from models.synthetic import write_synthetic_cifar  # noqa: E402
-from worker.cli import sse_events  # noqa: E402
+from tests.helpers import RedisServer, answers, free_port, wait_for  # noqa: E402
 
 JOB = {"batch_size": 50, "val_size": 100, "milestones": [], "log_every": 1, "keep_last": 10}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait(check: Callable[[], Any], timeout: float = 300, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if v := check():
-            return v
-        time.sleep(interval)
-    raise TimeoutError
 
 
 class Procs:
@@ -79,7 +62,7 @@ class Procs:
             [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--port", str(port)], "api.log"
         )
         url = f"http://127.0.0.1:{port}"
-        wait(lambda: _ok(url + "/jobs"), 120, 0.2)
+        wait_for(lambda: answers(url + "/jobs"), 120, "the API", 0.2)
         return url
 
     def worker(self) -> tuple[subprocess.Popen[bytes], float]:
@@ -87,8 +70,8 @@ class Procs:
         self.worker_n += 1
         log = self.home / f"worker-{self.worker_n}.log"
         t0 = time.monotonic()
-        p = self.spawn([sys.executable, "-m", "worker.cli", "worker", "-n", f"b{self.worker_n}@%h"], log.name)
-        wait(lambda: log.exists() and b" ready." in log.read_bytes(), 120, 0.05)
+        p = self.spawn([sys.executable, "-m", "convlens", "worker", "-n", f"b{self.worker_n}@%h"], log.name)
+        wait_for(lambda: log.exists() and b" ready." in log.read_bytes(), 120, f"worker {self.worker_n} ready", 0.05)
         return p, time.monotonic() - t0
 
     def close(self) -> None:
@@ -98,22 +81,15 @@ class Procs:
                 p.wait()
 
 
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def _one_job(url: str, store: RunStore) -> tuple[float, float]:
     """Seconds from POST /train to running, and to the first logged step, of a one-step job."""
     t0 = time.monotonic()
     rid = httpx.post(f"{url}/train", json={**JOB, "epochs": 1, "train_limit": 50}, timeout=30).json()["id"]
-    wait(lambda: store.read_run(rid)["status"] != "queued")
+    wait_for(lambda: store.read_run(rid)["status"] != "queued", 300, f"job {rid} to start", 0.01)
     running = time.monotonic() - t0
-    wait(lambda: store.metrics(rid).read())
+    wait_for(lambda: store.metrics(rid).read(), 300, f"job {rid}'s first step", 0.01)
     first_step = time.monotonic() - t0
-    wait(lambda: store.read_run(rid)["status"] == "succeeded", interval=0.1)
+    wait_for(lambda: store.read_run(rid)["status"] == "succeeded", 300, f"job {rid} to succeed", 0.1)
     return running, first_step
 
 
@@ -125,7 +101,7 @@ def submit_latency(url: str, store: RunStore, n: int) -> dict[str, float]:
 
 def progress_rates(url: str, store: RunStore, broker: str | None, home: Path) -> dict[str, float]:
     """Heartbeats and PROGRESS updates per second while training; step-to-SSE-client latency."""
-    from worker.celery_app import make_celery
+    from jobqueue.app import make_celery
     from worker.settings import WorkerSettings
 
     results = make_celery(WorkerSettings(broker_url=broker, home=home))
@@ -142,7 +118,7 @@ def progress_rates(url: str, store: RunStore, broker: str | None, home: Path) ->
 
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()
-    wait(lambda: store.read_run(rid)["status"] == "running")
+    wait_for(lambda: store.read_run(rid)["status"] == "running", 300, f"job {rid} to run", 0.01)
     beats, progress, t0 = set(), set(), time.monotonic()
     while store.read_run(rid)["status"] == "running":
         beats.add(store.read_run(rid).get("heartbeat"))
@@ -166,30 +142,30 @@ def progress_rates(url: str, store: RunStore, broker: str | None, home: Path) ->
 def kill_resume(url: str, procs: Procs, store: RunStore, worker: subprocess.Popen[bytes]) -> dict[str, float]:
     """SIGKILL after epoch 1, a new worker at once: seconds to ready, to running again, to the next step."""
     rid = httpx.post(f"{url}/train", json={**JOB, "epochs": 3, "train_limit": 100}, timeout=30).json()["id"]
-    wait(lambda: any(r["kind"] == "epoch" for r in store.metrics(rid).read()), interval=0.05)
+    wait_for(lambda: any(r["kind"] == "epoch" for r in store.metrics(rid).read()), 300, "epoch 1", 0.05)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     t0 = time.monotonic()
     last_step = max(r["step"] for r in store.metrics(rid).read())
     _, ready = procs.worker()
-    wait(lambda: store.read_run(rid)["attempts"] == 2 and store.read_run(rid)["status"] == "running")
+    wait_for(
+        lambda: store.read_run(rid)["attempts"] == 2 and store.read_run(rid)["status"] == "running",
+        300,
+        "the second attempt to run",
+        0.01,
+    )
     running = time.monotonic() - t0
-    wait(lambda: any(r["step"] > last_step for r in store.metrics(rid).read()))
+    wait_for(lambda: any(r["step"] > last_step for r in store.metrics(rid).read()), 300, "the next step", 0.01)
     stepped = time.monotonic() - t0
-    wait(lambda: store.read_run(rid)["status"] == "succeeded", interval=0.1)
+    wait_for(lambda: store.read_run(rid)["status"] == "succeeded", 300, "the resumed job to succeed", 0.1)
     return {"kill->worker ready s": ready, "kill->running again s": running, "kill->next step s": stepped}
 
 
 def bench(broker_name: str, jobs: int, tmp: Path, data: Path) -> dict[str, float]:
     home = tmp / broker_name
     home.mkdir()
-    redis: subprocess.Popen[bytes] | None = None
-    broker = None
-    if broker_name == "redis":
-        port = free_port()
-        cmd = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--daemonize", "no"]
-        redis = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-        broker = f"redis://127.0.0.1:{port}/0"
+    redis = RedisServer(free_port()).start() if broker_name == "redis" else None
+    broker = redis.url if redis else None
     procs = Procs(home, data, broker)
     try:
         url = procs.api()
@@ -203,8 +179,7 @@ def bench(broker_name: str, jobs: int, tmp: Path, data: Path) -> dict[str, float
     finally:
         procs.close()
         if redis:
-            redis.terminate()
-            redis.wait()
+            redis.stop()
 
 
 def main() -> None:

@@ -213,7 +213,7 @@ def start_stack(home: Path, data: Path) -> Stack:
     with log_path.open("wb") as log:
         # Its own session: a Ctrl-C reaches only this script, which then stops the stack once, in order.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "serve"],
+            [sys.executable, "-m", "convlens", "serve"],
             cwd=ROOT,
             env=env,
             stdout=log,

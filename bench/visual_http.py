@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,12 +44,7 @@ from models.reverse import reconstruct  # noqa: E402
 from models.trainer import checkpoint_meta  # noqa: E402
 from models.visual import feature_maps, filters  # noqa: E402
 from service.images import ImageLimits, prepare  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import Server, answers, free_port, wait_for  # noqa: E402
 
 
 def make_home(arch: str, home: Path, classes: list[str]) -> dict[str, Any]:
@@ -131,15 +125,10 @@ def bench_arch(arch: str, png: bytes, data: Path, n: int, threads: int) -> list[
         log = open(home / "server.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen([sys.executable, "-m", "service.server"], cwd=ROOT, env=env, stdout=log, stderr=log)
         rows = []
+        url = f"http://127.0.0.1:{port}"
         try:
-            url = f"http://127.0.0.1:{port}"
+            wait_for(lambda: answers(url + "/health"), 120, lambda: f"the server:\n{(home / 'server.log').read_text()}")
             with httpx.Client(base_url=url, timeout=120) as c:
-                for _ in range(300):
-                    try:
-                        if c.get("/health").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        time.sleep(0.1)
                 t0 = time.perf_counter()
                 while c.get("/topk", params={"layer": "layer3"}).status_code == 202:
                     time.sleep(0.2)
@@ -165,8 +154,7 @@ def bench_arch(arch: str, png: bytes, data: Path, n: int, threads: int) -> list[
                     )
                 rows.append({"arch": arch, "endpoint": "topk index build (validation split)", "build_s": build_s})
         finally:
-            proc.terminate()
-            proc.wait(30)
+            Server(url, proc, home / "server.log").stop(30)  # SIGTERM, then SIGKILL if it lingers: never an orphan
     return rows
 
 

@@ -90,7 +90,7 @@ def _folder(root: str | Path, name: str, download: bool) -> Path:
     if not folder.is_dir():
         raise DatasetMissing(
             f"dataset {name!r} not found: expected the folder {folder} (the standard python-pickle layout). "
-            f"Get CIFAR-10 with `../shared/data/fetch-cifar10.sh {root}` or pass download=True where a network exists."
+            f"Get it with `convlens data {name} --dest {root}` (or `make data` for CIFAR-10 into var/data)."
         )
     return folder
 

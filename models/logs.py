@@ -8,6 +8,7 @@ served (service/logs.py sets it), stamped on every record written meanwhile.
 from __future__ import annotations
 
 import contextvars
+import io
 import json
 import logging
 import re
@@ -103,10 +104,22 @@ class TextFormatter(logging.Formatter):
         return redact(super().format(record), self.secrets)
 
 
+def resolve_format(fmt: str, stream: Any = None) -> str:
+    """`auto` is text for a person (the stream is a terminal) and JSON for machines (containers, CI, files)."""
+    if fmt != "auto":
+        return fmt
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return "text" if callable(isatty) and isatty() else "json"
+
+
 def configure(
-    fmt: str = "json", secrets: Iterable[str] = (), level: int = logging.INFO, handler: logging.Handler | None = None
+    fmt: str = "auto", secrets: Iterable[str] = (), level: int = logging.INFO, handler: logging.Handler | None = None
 ) -> logging.Handler:
-    """Route every logger (uvicorn's too, when it gets log_config=None) through one handler (default: stderr)."""
+    """Route every logger (uvicorn's too, when it gets log_config=None) through one handler (default: stderr);
+    `fmt` json, text or auto (text on a terminal; a file handler is never one)."""
+    stream = getattr(handler, "stream", None) if handler else sys.stderr
+    fmt = resolve_format(fmt, stream if stream is not None else io.StringIO())
     handler = handler or logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(secrets) if fmt == "json" else TextFormatter(secrets))
     handler.addFilter(RequestIdFilter())

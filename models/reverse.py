@@ -1,9 +1,19 @@
 """The reverse ResNet18 (Zeiler-Fergus deconvnet, guided backprop), sharing the forward network's weights.
 
-Running the net backwards is the backward pass with every ReLU's backward replaced by ReLU of the incoming
-signal (`rule="deconvnet"`), also masked by the forward ReLU's sign for `rule="guided"`: conv -> transposed
-conv, eval BN -> its per-channel scale, max-pool -> scatter-add to the recorded switches, a residual block
--> `F^T(g) + S^T(g)` with `g = relu(g_out)`. See DESIGN.md, "The reverse network (deconvnet), precisely".
+Running the net backwards is its backward pass with every ReLU's backward replaced by ReLU of the incoming
+signal (`rule="deconvnet"`), also masked by the forward ReLU's sign for `rule="guided"`: the forward network
+mirrored, each module replaced by its transpose and run in the opposite order.
+
+    forward, run top to bottom         reverse, run bottom to top
+    conv1 -> bn1 -> relu               conv1^T <- bn1^T <- relu^T    (conv_transpose2d, BN's scale, ReLU of the signal)
+    maxpool                            unpool                        (scatter-add to the recorded switches)
+    layer1 .. layer4: BasicBlocks      ReverseBlocks, last one first: g = relu2^T(g_out), then the residual path's
+                                       (conv1 bn1 relu1 conv2 bn2)^T g + the shortcut's S^T g, or one (`shortcut`)
+    avgpool -> fc                      avgpool^T <- fc^T             (avgpool^T: spread evenly over the map)
+
+docs/DESIGN.md, "The reverse network (deconvnet), precisely", derives it. models/reverse_speed.py holds what
+makes it fast on a CPU (BN folding, cut kernels, memory layouts, chunks, skipping dead seeds); none of it
+changes a result.
 """
 
 from __future__ import annotations
@@ -17,6 +27,17 @@ from torch import nn
 
 from models.errors import InvalidArgument
 from models.resnet import BasicBlock, ResNet18, canonical_layer
+from models.reverse_speed import FOLD_MIN_BATCH as FOLD_MIN_BATCH  # re-exported: its home was here
+from models.reverse_speed import (
+    Crop,
+    auto_chunk,
+    fast_layout,
+    fold_and_cut,
+    live_seeds,
+    prepared_weight,
+    transpose_padding,
+)
+from models.reverse_speed import live_taps as live_taps  # re-exported: its home was here
 
 Rule = Literal["deconvnet", "guided"]
 Shortcut = Literal["sum", "residual", "identity"]
@@ -60,9 +81,19 @@ class Reconstruction:
     shortcut: str = "sum"
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InvalidArgument(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+# The transposes of the forward modules. -------------------------------------------------------------------------
+
+
+def _relu_t(g: torch.Tensor, mask: torch.Tensor, rule: Rule, inplace: bool = False) -> torch.Tensor:
+    """A ReLU run backwards: rectify the signal; guided also keeps only where the forward ReLU passed.
+
+    `inplace` overwrites g (for signals the reverse pass owns: it saves a full-size allocation and pass).
+    """
+    if inplace:
+        g = g.relu_()
+        return g.mul_(mask) if rule == "guided" else g
+    g = F.relu(g)
+    return g * mask if rule == "guided" else g
 
 
 def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -73,75 +104,6 @@ def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     if bn.weight is not None:
         scale = bn.weight * scale
     return scale.view(1, -1, 1, 1)
-
-
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """The conv's weight with its eval BN's scale folded in, per output channel: (g * scale) run through the
-    transposed conv equals g run through it with weight * scale."""
-    return conv.weight * bn_scale(bn).view(-1, 1, 1, 1)
-
-
-# Batches of at least this many signals run a conv's transpose with its BN-folded weight (made once per reverse
-# network: a pass over the weight) instead of scaling the signal (a pass over the signal, every time).
-FOLD_MIN_BATCH = 8
-# Signal positions (signals x map positions) from which an unfolded kernel is cut to its live taps (see live_taps).
-# Measured on the seed stem's 1x1 layer4 (one thread): 16 seeds ran faster uncut, 256 faster cut.
-CUT_MIN_POSITIONS = 64
-# On CPU, reconstruct() runs as many seeds per reverse pass as keep its widest signal (the stem's 64-channel map)
-# within this many bytes. Measured on the 2-core EPYC (32 MiB L3, CPU time): 64 CIFAR-stem seeds a pass (16 MiB
-# signals) ran ~1.1x faster than 256 (64 MiB, out of cache), 16 and 32 no faster; the seed stem's 16x16 stem map
-# gives 256 a pass, which beat 64 there by ~1.15x.
-CHUNK_BYTES = 16 << 20
-
-
-Crop = tuple[tuple[int, int], tuple[int, int]]  # (first, last) kernel tap kept, per spatial dim
-
-
-def _out_padding(
-    g: torch.Tensor,
-    in_size: tuple[int, int],
-    k: tuple[int, ...],
-    stride: tuple[int, ...],
-    padding: tuple[int, ...],
-    dilation: tuple[int, ...],
-) -> tuple[int, ...]:
-    """The output_padding that makes a transposed conv of g return the forward input's size."""
-    return tuple(
-        in_size[d] - ((g.shape[-2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (k[d] - 1) + 1) for d in (0, 1)
-    )
-
-
-def _cropped(conv: nn.Conv2d, crop: Crop | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The kernel size and padding of the conv with its kernel cut to `crop`'s taps."""
-    padding, dilation = conv.padding, conv.dilation
-    if isinstance(padding, str):
-        raise InvalidArgument("string padding cannot be reversed")
-    if crop is None:
-        return tuple(conv.kernel_size), tuple(padding)
-    return tuple(hi - lo + 1 for lo, hi in crop), tuple(padding[d] - crop[d][0] * dilation[d] for d in (0, 1))
-
-
-def live_taps(conv: nn.Conv2d, g: torch.Tensor, in_size: tuple[int, int]) -> Crop | None:
-    """The taps of the conv's kernel that carry some position of the signal g to the forward input, when that
-    drops any: a map smaller than the kernel (the seed stem's 1x1 layer4 under 3x3 kernels) reaches the padding
-    only through the outer taps. Tap t sends signal position i to input position i * stride + t * dilation -
-    padding; a cut kernel keeps every other tap in its place (the padding shrinks by the taps cut before it)."""
-    k, stride, padding, dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    if isinstance(padding, str):
-        return None
-    ends = []
-    for d in (0, 1):
-        last = (g.shape[-2 + d] - 1) * stride[d]  # the last signal position, times the stride
-        live = [t for t in range(k[d]) if last + t * dilation[d] >= padding[d] > t * dilation[d] - in_size[d]]
-        ends.append((live[0], live[-1]) if live else (0, k[d] - 1))
-    cut = (ends[0], ends[1])
-    if cut == ((0, k[0] - 1), (0, k[1] - 1)):
-        return None
-    k_cut, padding_cut = _cropped(conv, cut)
-    out_padding = _out_padding(g, in_size, k_cut, stride, padding_cut, dilation)
-    if min(padding_cut) < 0 or not all(0 <= out_padding[d] < max(stride[d], dilation[d]) for d in (0, 1)):
-        return None  # not expressible as a transposed conv: keep the whole kernel
-    return cut
 
 
 def conv_transpose(
@@ -156,17 +118,10 @@ def conv_transpose(
 
     `weight` replaces the conv's own (a BN-folded or channel-selected one); `crop`: it is cut to these taps.
     """
-    k, padding = _cropped(conv, crop)
-    stride, dilation = conv.stride, conv.dilation
-    out_padding = _out_padding(g, in_size, k, stride, padding, dilation)
+    padding, out_padding = transpose_padding(g, conv, in_size, crop)
     w = conv.weight if weight is None else weight
-    if groups == 1 and ((g.shape[0] >= 16 and 4 * g.numel() >= w.numel()) or g.shape[-2] * g.shape[-1] >= 64):
-        # Measured on CPU (oneDNN): channels-last runs these transposed convs ~1.2-1.6x faster, except where the
-        # signal is small beside the weight (one signal's 4x4 map; 16-64 seeds on layer4's maps), which NCHW runs
-        # faster: seed-stem top-16 layer4 0.90x, CIFAR-stem 0.83x the time (A/B in one process, one thread).
-        # The output keeps the memory format.
-        g = g.contiguous(memory_format=torch.channels_last)
-    return F.conv_transpose2d(g, w, None, stride, padding, out_padding, groups * conv.groups, dilation)
+    g = fast_layout(g, w, groups)
+    return F.conv_transpose2d(g, w, None, conv.stride, padding, out_padding, groups * conv.groups, conv.dilation)
 
 
 def bn_conv_transpose(
@@ -177,30 +132,16 @@ def bn_conv_transpose(
     folded: dict[str, torch.Tensor],
     key: str,
 ) -> torch.Tensor:
-    """(conv then eval BN)^T of a dense signal (K, C_out, h, w): BN scale, then the transposed conv.
+    """(conv then eval BN)^T of a dense signal (K, C_out, h, w): BN's scale, then the transposed conv.
 
-    From FOLD_MIN_BATCH signals on, and when the signal is at least as large as the weight, the BN-folded weight
-    runs, cut to its live taps (see live_taps), made once and kept in `folded`: making it costs a pass over the
-    weight, which only repays itself against passes over a larger signal (not the seed stem's 1x1-4x4 maps, whose
-    few values are cheaper to scale than their layers' weights are to fold).
+    reverse_speed may run the same with the scale folded into the weight and the kernel cut to its live taps;
+    that weight is made once and kept in `folded` under `key`.
     """
-    fold = g.shape[0] >= FOLD_MIN_BATCH and g.numel() >= conv.weight.numel()
-    # Otherwise scale the (small) signal; its kernel is still cut once enough positions pass through it that the
-    # taps it drops cost more than cutting it.
-    cut = fold or g.shape[0] * g.shape[-2] * g.shape[-1] >= CUT_MIN_POSITIONS
-    crop = live_taps(conv, g, in_size) if cut else None
+    fold, crop = fold_and_cut(g, conv, in_size)
     if not fold and crop is None:
         return conv_transpose(g * bn_scale(bn), conv, in_size)
-    name = f"{key}{crop or ''}{'' if fold else ' unfolded'}"
-    if name not in folded:
-        w = fold_bn(conv, bn) if fold else conv.weight
-        folded[name] = w if crop is None else _cut(w, crop)
-    return conv_transpose(g if fold else g * bn_scale(bn), conv, in_size, folded[name], crop=crop)
-
-
-def _cut(w: torch.Tensor, crop: Crop) -> torch.Tensor:
-    """A kernel cut to the taps `crop` keeps (a contiguous copy of that part only)."""
-    return w[:, :, crop[0][0] : crop[0][1] + 1, crop[1][0] : crop[1][1] + 1].contiguous()
+    w = prepared_weight(folded, key, conv, lambda: bn_scale(bn), fold, crop)
+    return conv_transpose(g if fold else g * bn_scale(bn), conv, in_size, w, crop=crop)
 
 
 def conv_transpose_channels(
@@ -239,11 +180,14 @@ def unpool_scatter_add(g: torch.Tensor, indices: torch.Tensor, in_size: tuple[in
     return out.view(k, c, *in_size)
 
 
+# The network: a block, then the whole ResNet18. ----------------------------------------------------------------
+
+
 class ReverseBlock(nn.Module):
     """The reverse of one BasicBlock, holding the forward block (and so its weights).
 
-    `folded` holds BN-folded weights, shared across the reverse network and made on first use (see
-    bn_conv_transpose): make a new reverse network after changing the forward network's weights.
+    `folded` holds the weights reverse_speed prepares (BN-folded, cut), shared across the reverse network and made
+    on first use: make a new reverse network after changing the forward network's weights.
     """
 
     def __init__(self, block: BasicBlock, name: str, folded: dict[str, torch.Tensor] | None = None) -> None:
@@ -267,30 +211,6 @@ class ReverseBlock(nn.Module):
         out = b.relu2(b.bn2(b.conv2(out)) + identity)
         rec.masks[f"{n}.relu2"] = out > 0
         return out
-
-    def _conv_bn(self, which: str) -> tuple[nn.Conv2d, nn.BatchNorm2d, str]:
-        """`conv1`, `conv2` or `downsample` -> that conv, the BN after it, and the conv's module name."""
-        b = self.block
-        if which == "downsample":
-            assert b.downsample is not None
-            conv, bn = b.downsample[0], b.downsample[1]
-            assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-            return conv, bn, f"{self.name}.downsample.0"
-        return getattr(b, which), getattr(b, which.replace("conv", "bn")), f"{self.name}.{which}"
-
-    def _conv_t(self, g: torch.Tensor, which: str, rec: ForwardRecord) -> torch.Tensor:
-        """(conv then BN)^T of the named conv on a dense signal (K, C_out, h, w)."""
-        conv, bn, key = self._conv_bn(which)
-        return bn_conv_transpose(g, conv, bn, rec.sizes[key], self.folded, key)
-
-    def _conv_t_channels(self, g: torch.Tensor, which: str, channels: list[int], rec: ForwardRecord) -> torch.Tensor:
-        """(conv then BN)^T of the named conv on K one-channel signals g (1, K, h, w) -> (K, C_in, H, W)."""
-        conv, bn, key = self._conv_bn(which)
-        return conv_transpose_channels(g * bn_scale(bn)[:, channels], conv, channels, rec.sizes[key])
-
-    def _residual_t(self, r: torch.Tensor, rec: ForwardRecord, rule: Rule) -> torch.Tensor:
-        """From the signal after conv2's transpose (overwritten) to the block input: relu1^T, then (conv1, bn1)^T."""
-        return self._conv_t(_relu_t(r, rec.masks[f"{self.name}.relu1"], rule, inplace=True), "conv1", rec)
 
     def forward(
         self, g: torch.Tensor, rec: ForwardRecord, rule: Rule, shortcut: Shortcut, inplace: bool = False
@@ -331,27 +251,29 @@ class ReverseBlock(nn.Module):
         assert out is not None
         return out
 
+    def _residual_t(self, r: torch.Tensor, rec: ForwardRecord, rule: Rule) -> torch.Tensor:
+        """From the signal after conv2's transpose (overwritten) to the block input: relu1^T, then (conv1, bn1)^T."""
+        return self._conv_t(_relu_t(r, rec.masks[f"{self.name}.relu1"], rule, inplace=True), "conv1", rec)
 
-def _check_start(rec: ForwardRecord, start: str, rule: str, shortcut: str) -> str:
-    """Validate the options and that the record reaches `start`; returns its canonical name."""
-    _check_choice("rule", rule, RULES)
-    _check_choice("shortcut", shortcut, SHORTCUTS)
-    start = start if start == "logits" else canonical_layer(start)
-    if (rec.logits is None) if start == "logits" else (start not in rec.activations):
-        raise InvalidArgument(f"the forward record stops below {start!r}; record with upto={start!r}")
-    return start
+    def _conv_bn(self, which: str) -> tuple[nn.Conv2d, nn.BatchNorm2d, str]:
+        """`conv1`, `conv2` or `downsample` -> that conv, the BN after it, and the conv's module name."""
+        b = self.block
+        if which == "downsample":
+            assert b.downsample is not None
+            conv, bn = b.downsample[0], b.downsample[1]
+            assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+            return conv, bn, f"{self.name}.downsample.0"
+        return getattr(b, which), getattr(b, which.replace("conv", "bn")), f"{self.name}.{which}"
 
+    def _conv_t(self, g: torch.Tensor, which: str, rec: ForwardRecord) -> torch.Tensor:
+        """(conv then BN)^T of the named conv on a dense signal (K, C_out, h, w)."""
+        conv, bn, key = self._conv_bn(which)
+        return bn_conv_transpose(g, conv, bn, rec.sizes[key], self.folded, key)
 
-def _relu_t(g: torch.Tensor, mask: torch.Tensor, rule: Rule, inplace: bool = False) -> torch.Tensor:
-    """A ReLU run backwards: rectify the signal; guided also keeps only where the forward ReLU passed.
-
-    `inplace` overwrites g (for signals the reverse pass owns: it saves a full-size allocation and pass).
-    """
-    if inplace:
-        g = g.relu_()
-        return g.mul_(mask) if rule == "guided" else g
-    g = F.relu(g)
-    return g * mask if rule == "guided" else g
+    def _conv_t_channels(self, g: torch.Tensor, which: str, channels: list[int], rec: ForwardRecord) -> torch.Tensor:
+        """(conv then BN)^T of the named conv on K one-channel signals g (1, K, h, w) -> (K, C_in, H, W)."""
+        conv, bn, key = self._conv_bn(which)
+        return conv_transpose_channels(g * bn_scale(bn)[:, channels], conv, channels, rec.sizes[key])
 
 
 class ReverseResNet(nn.Module):
@@ -360,16 +282,11 @@ class ReverseResNet(nn.Module):
     def __init__(self, model: ResNet18) -> None:
         super().__init__()
         self.model = model
-        self.folded: dict[str, torch.Tensor] = {}  # BN-folded weights by conv name, made on first use
+        self.folded: dict[str, torch.Tensor] = {}  # weights reverse_speed prepares, by conv name, made on first use
         self.stages = {
             s: [ReverseBlock(b, f"{s}.{i}", self.folded) for i, b in enumerate(getattr(model, s))] for s in STAGES
         }
         self.blocks = nn.ModuleList([rb for s in STAGES for rb in self.stages[s]])  # registered, in forward order
-
-    def unpool(self, g: torch.Tensor, rec: ForwardRecord) -> torch.Tensor:
-        """The max-pool's transpose (a method so a test can swap in max_unpool2d as a negative control)."""
-        assert rec.pool_indices is not None and rec.pool_input_size is not None
-        return unpool_scatter_add(g, rec.pool_indices, rec.pool_input_size)
 
     def record(self, x: torch.Tensor, upto: str = "logits") -> ForwardRecord:
         """Forward normalised images (N, 3, H, W) up to a named layer (or the logits), recording what reversal needs."""
@@ -403,15 +320,12 @@ class ReverseResNet(nn.Module):
         The record holds one image (then all K seeds reverse that image) or exactly K images (one seed each).
         """
         start = _check_start(rec, start, rule, shortcut)
-        m, g = self.model, seeds
+        g = seeds
         if start == "logits":
-            act = rec.activations["layer4"]
-            g = (g @ m.fc.weight).view(g.shape[0], -1, 1, 1)  # fc^T
-            g = g.expand(-1, -1, act.shape[-2], act.shape[-1]) / (act.shape[-2] * act.shape[-1])  # avgpool^T
-            start = "layer4"
+            g, start = self._head_t(seeds, rec), "layer4"
         blocks = self._blocks_below(start)
         for i, rb in enumerate(blocks):
-            g = rb(g, rec, rule, shortcut, inplace=i > 0)
+            g = rb(g, rec, rule, shortcut, inplace=i > 0)  # the seeds are the caller's; later signals are ours
         return self._stem_t(g, rec, rule, start != "conv1", inplace=bool(blocks))
 
     def forward_channels(
@@ -439,18 +353,29 @@ class ReverseResNet(nn.Module):
             g = rb(g, rec, rule, shortcut, inplace=True)
         return self._stem_t(g, rec, rule, True, inplace=True)
 
+    def _head_t(self, g: torch.Tensor, rec: ForwardRecord) -> torch.Tensor:
+        """Class scores (K, classes) -> signal at layer4's output: fc^T, then avgpool^T."""
+        act = rec.activations["layer4"]
+        g = (g @ self.model.fc.weight).view(g.shape[0], -1, 1, 1)
+        return g.expand(-1, -1, act.shape[-2], act.shape[-1]) / (act.shape[-2] * act.shape[-1])
+
     def _blocks_below(self, start: str) -> list[ReverseBlock]:
         """The blocks from a named layer down to the stem, in reverse order."""
         if start not in STAGES:
             return []
         return [rb for stage in reversed(STAGES[: STAGES.index(start) + 1]) for rb in reversed(self.stages[stage])]
 
+    def unpool(self, g: torch.Tensor, rec: ForwardRecord) -> torch.Tensor:
+        """The max-pool's transpose (a method so a test can swap in max_unpool2d as a negative control)."""
+        assert rec.pool_indices is not None and rec.pool_input_size is not None
+        return unpool_scatter_add(g, rec.pool_indices, rec.pool_input_size)
+
     def _stem_t(
         self, g: torch.Tensor, rec: ForwardRecord, rule: Rule, unpool: bool, inplace: bool = False
     ) -> torch.Tensor:
         """Max-pool (when the signal comes from above it), stem ReLU, BN and conv, reversed.
 
-        `inplace`: the caller hands over g (it may be overwritten).
+        `inplace`: the caller hands over g (it may be overwritten). The result is NCHW, whatever layout ran.
         """
         if unpool and rec.pool_indices is not None:
             g, inplace = self.unpool(g, rec), True
@@ -459,7 +384,25 @@ class ReverseResNet(nn.Module):
         return bn_conv_transpose(g, m.conv1, m.bn1, rec.sizes["conv1"], self.folded, "conv1").contiguous()
 
 
-def _as_batch(model: ResNet18, image: torch.Tensor) -> torch.Tensor:
+# Requests: one image, the channels chosen, their seeds, the passes. --------------------------------------------
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidArgument(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _check_start(rec: ForwardRecord, start: str, rule: str, shortcut: str) -> str:
+    """Validate the options and that the record reaches `start`; returns its canonical name."""
+    _check_choice("rule", rule, RULES)
+    _check_choice("shortcut", shortcut, SHORTCUTS)
+    start = start if start == "logits" else canonical_layer(start)
+    if (rec.logits is None) if start == "logits" else (start not in rec.activations):
+        raise InvalidArgument(f"the forward record stops below {start!r}; record with upto={start!r}")
+    return start
+
+
+def as_batch(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     """(3, H, W) or (1, 3, H, W) -> (1, 3, H, W) on the model's device and dtype."""
     if image.dim() == 3:
         image = image.unsqueeze(0)
@@ -526,14 +469,6 @@ def _stats(act: torch.Tensor, channels: list[int]) -> tuple[list[float], list[fl
     return flat.amax(1).tolist(), flat.mean(1).tolist(), [(int(p) // w, int(p) % w) for p in pos]
 
 
-def auto_chunk(rec: ForwardRecord) -> int:
-    """Seeds per reverse pass: on CPU as many as keep the stem's 64-channel signal within CHUNK_BYTES, else 256."""
-    stem = rec.activations["conv1"]
-    if stem.device.type != "cpu":
-        return 256
-    return max(1, CHUNK_BYTES // (stem[0].numel() * stem.element_size()))
-
-
 def reconstruct(
     model: ResNet18,
     image: torch.Tensor,
@@ -550,8 +485,7 @@ def reconstruct(
     `channels`: "all", a list of indices, or an int N = the N channels with the strongest (max) activation.
     `mode=each`: one projection per channel (that channel kept, the others zeroed); `whole`: one projection of
     the chosen channels together. `seed=argmax` keeps only each channel's strongest position (its value).
-    `chunk`: seeds per reverse pass (default: auto_chunk). A channel whose seed is all zero projects to exactly
-    zero (the reverse network has no biases), so only the others run.
+    `chunk`: seeds per reverse pass (default: reverse_speed.auto_chunk).
     """
     _require_eval(model)
     for name, value, choices in (("mode", mode, MODES), ("seed", seed, SEEDS), ("rule", rule, RULES)):
@@ -560,30 +494,46 @@ def reconstruct(
     canon = canonical_layer(layer)
     rev = ReverseResNet(model)
     with torch.no_grad():
-        rec = rev.record(_as_batch(model, image), upto=canon)
+        rec = rev.record(as_batch(model, image), upto=canon)
         act = rec.activations[canon][0]
         chosen = select_channels(channels, act.flatten(1).amax(1))
         if mode == "whole":
             proj = rev(make_seeds(act, chosen, mode, seed), rec, canon, rule, shortcut)
         else:
-            values, kept = seed_values(act, chosen, seed), chosen
-            live = values.flatten(1).any(1)
-            keep = None if bool(live.all()) else live.nonzero().flatten()
-            if keep is not None:  # an all-zero seed projects to exactly zero: run only the others
-                values, kept = values[keep], [chosen[i] for i in keep.tolist()]
-            step = chunk or auto_chunk(rec)
-            parts = [
-                rev.forward_channels(values[i : i + step], kept[i : i + step], rec, canon, rule, shortcut)
-                for i in range(0, len(kept), step)
-            ]
-            if keep is None:
-                proj = torch.cat(parts) if len(parts) > 1 else parts[0]
-            else:
-                proj = act.new_zeros(len(chosen), model.conv1.in_channels, *rec.sizes["conv1"])
-                if parts:
-                    proj[keep] = torch.cat(parts)
+            values = seed_values(act, chosen, seed)
+            step = chunk or auto_chunk(rec.activations["conv1"])
+            proj = _project_each(rev, rec, canon, values, chosen, rule, shortcut, step)
     amax, amean, pos = _stats(act, chosen)
     return Reconstruction(proj, chosen, canon, tuple(act.shape), amax, amean, pos, mode, seed, rule, shortcut)
+
+
+def _project_each(
+    rev: ReverseResNet,
+    rec: ForwardRecord,
+    start: str,
+    values: torch.Tensor,
+    channels: list[int],
+    rule: Rule,
+    shortcut: Shortcut,
+    step: int,
+) -> torch.Tensor:
+    """One projection (K, 3, H, W) per seed map values[k] in channel channels[k], `step` seeds a pass.
+
+    An all-zero seed projects to exactly zero (the network has no biases), so only the others run.
+    """
+    keep, kept = live_seeds(values), channels
+    if keep is not None:
+        values, kept = values[keep], [channels[i] for i in keep.tolist()]
+    parts = [
+        rev.forward_channels(values[i : i + step], kept[i : i + step], rec, start, rule, shortcut)
+        for i in range(0, len(kept), step)
+    ]
+    if keep is None:
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    proj = values.new_zeros(len(channels), rev.model.conv1.in_channels, *rec.sizes["conv1"])
+    if parts:
+        proj[keep] = torch.cat(parts)
+    return proj
 
 
 def project_classes(
@@ -600,7 +550,7 @@ def project_classes(
     _require_eval(model)
     rev = ReverseResNet(model)
     with torch.no_grad():
-        rec = rev.record(_as_batch(model, image))
+        rec = rev.record(as_batch(model, image))
         assert rec.logits is not None
         logits = rec.logits[0]
         chosen = select_channels(1 if classes is None else classes, logits, what="class")

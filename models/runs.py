@@ -8,13 +8,15 @@ import secrets
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from models.checkpoints import atomic_write_bytes, atomic_write_json
+from models.atomic import atomic_write_bytes, atomic_write_json
 from models.errors import ConvLensError, InvalidArgument
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+STATUSES: tuple[str, ...] = get_args(RunStatus)
+# Finished: no worker takes a run in one of these (a failed one runs again only when asked: `train --resume`).
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 

@@ -19,7 +19,7 @@ from models.data import normalize
 from models.errors import CheckpointError, InvalidArgument
 from models.hooks import record_activations
 from models.resnet import LAYER_NAMES, ResNet18, canonical_layer, conv_layer
-from models.reverse import Rule, Shortcut, project_positions
+from models.reverse import Rule, Shortcut, as_batch, project_positions
 
 INDEX_VERSION = 1
 
@@ -31,13 +31,9 @@ def filters(model: nn.Module, layer: str) -> torch.Tensor:
 
 def feature_maps(model: ResNet18, image: torch.Tensor, layer: str) -> torch.Tensor:
     """A named layer's activation (C, h, w) for one normalised image (3, H, W)."""
-    if image.dim() == 3:
-        image = image.unsqueeze(0)
-    if image.dim() != 4 or image.shape[:2] != (1, 3):
-        raise InvalidArgument(f"expected one normalised image (3, H, W); got shape {tuple(image.shape)}")
-    p = next(model.parameters())
+    x = as_batch(model, image)
     canon = canonical_layer(layer)
-    return record_activations(model, image.to(p.device, p.dtype), [canon])[canon][0]
+    return record_activations(model, x, [canon])[canon][0]
 
 
 @dataclass

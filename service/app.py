@@ -24,11 +24,12 @@ from models.runs import RunStore
 from models.shipped import SHIPPED_DIR, SHIPPED_ID
 from service import auth, errors, limits
 from service.batching import Batcher
+from service.engine import engine_config
 from service.jobs_sse import StreamLimiter
 from service.logs import RequestIdMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import ModelRegistry, checkpoint_dir_source
-from service.routes import explain, health, jobs, models, predict, ui, visual
+from service.routes import compare, explain, health, jobs, models, predict, sweeps, timelapse, ui, visual, visualize
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("convlens.app")
@@ -79,6 +80,7 @@ def build_registry(settings: Settings, store: RunStore, metrics: Metrics | None 
         device=settings.device,
         default_model=default,
         on_load=metrics.observe_load if metrics else None,
+        engine=engine_config(settings),
     )
 
 
@@ -132,6 +134,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware, log_requests=settings.access_log)  # outermost: every answer has an id
-    for module in (health, models, predict, visual, explain, jobs, ui):
+    for module in (health, models, predict, visual, visualize, explain, jobs, sweeps, compare, timelapse, ui):
         app.include_router(module.router)
     return app

@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.runs import RunStore
+from models.runs import RunStatus, RunStore
 
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Status = RunStatus
 Kind = Literal["step", "epoch", "final"]
 # The config's columns of the seed's Table 2 (batch, milestones, gamma, preprocessing), and what else varies.
 TABLE_FIELDS = (

@@ -1,10 +1,10 @@
-"""`serve(settings)`: the API under uvicorn, plus a local Celery worker on the embedded queue when no broker is set.
+"""`serve(settings)`: the API under uvicorn (`convlens serve` also starts a local worker when no broker is set).
 
 CONVLENS_API_PROCESSES=N (> 1) runs N API processes on one listening socket (uvicorn's supervisor, which restarts
 one that dies). Each has its own event loop, micro-batcher, model copies and per-client stream limits; they share
 the run store (registry.json, so a new default reaches all of them), the queue and /metrics (prometheus-client's
 multiprocess mode, in PROMETHEUS_MULTIPROC_DIR or a temporary folder). They read their settings from the
-environment, as `convlens serve` leaves it.
+settings object they are handed (pickled into each process by uvicorn's spawn).
 
 Graceful shutdown (SIGTERM or Ctrl-C): uvicorn stops listening at once (new connections are refused), closes idle
 keep-alive connections, and lets requests in flight finish for up to CONVLENS_SHUTDOWN_TIMEOUT_S before it
@@ -16,13 +16,11 @@ exits 0.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
+import socket
 import tempfile
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -37,49 +35,11 @@ from uvicorn.supervisors import Multiprocess  # noqa: E402
 
 from models.logs import configure as configure_logging  # noqa: E402
 from service.app import create_app  # noqa: E402
+from service.factory import AppFactory  # noqa: E402
 from service.metrics import MULTIPROC_ENV, multiprocess_dir  # noqa: E402
 from service.settings import Settings, get_settings  # noqa: E402
 
 log = logging.getLogger("convlens.server")
-
-WORKER_STOP_TIMEOUT_S = 30.0
-LOG = ["--loglevel=INFO"]
-
-
-def worker_command() -> list[str]:
-    """One job at a time (`--pool=solo`): training uses every core, and the queue is a single folder."""
-    queue = os.environ.get("CONVLENS_QUEUE", "train")  # the same variable the worker's settings and the API read
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo", "-Q", queue, *LOG]
-
-
-def start_worker(settings: Settings) -> subprocess.Popen[bytes] | None:
-    """Start the embedded-queue worker, or None when a broker is configured (its workers run elsewhere)."""
-    if settings.broker_url or not settings.embedded_worker:
-        return None
-    if importlib.util.find_spec("worker.celery_app") is None:
-        log.warning("worker.celery_app is not installed: serving without a local worker (POST /train will queue)")
-        return None
-    env = {**os.environ, "CONVLENS_HOME": str(settings.home)}
-    if settings.data_dir:
-        env["CONVLENS_DATA_DIR"] = str(settings.data_dir)
-    # Its own session: Ctrl-C reaches only the server, which then stops the worker once, in order.
-    proc = subprocess.Popen(worker_command(), env=env, start_new_session=True)
-    log.info("started a local worker on the embedded queue (pid %d)", proc.pid)
-    return proc
-
-
-def stop_worker(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
-    """SIGTERM (Celery's warm shutdown: the running job checkpoints and is re-queued), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    log.info("stopping the local worker (pid %d)", proc.pid)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        log.warning("worker %d did not stop within %.0fs; killing it", proc.pid, timeout)
-        proc.kill()
-        proc.wait()
 
 
 class _Server(uvicorn.Server):
@@ -89,6 +49,11 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)
         self.on_exit = on_exit
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            announce(self.config.host, self.config.port)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -100,7 +65,7 @@ class _Server(uvicorn.Server):
                 self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
-def uvicorn_config(app: FastAPI | str, settings: Settings, **more: object) -> uvicorn.Config:
+def uvicorn_config(app: FastAPI | str | Callable[[], FastAPI], settings: Settings, **more: object) -> uvicorn.Config:
     """uvicorn's settings for the API, one process or several: the app's RequestIdMiddleware writes the access
     line (with the request id), and log_config=None leaves uvicorn's loggers to the one handler."""
     return uvicorn.Config(
@@ -114,16 +79,24 @@ def uvicorn_config(app: FastAPI | str, settings: Settings, **more: object) -> uv
     )
 
 
-def process_app() -> FastAPI:
-    """The app of one of several API processes (`uvicorn --factory service.server:process_app`): its settings
-    from the environment, its logs through the same handler as the parent's."""
-    settings = get_settings()
+def announce(host: str, port: int) -> None:
+    """The one line a person needs once the API listens: where the page and the API docs are."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    log.info(
+        "ConvLens is up: the page at http://%s:%d/ and the API docs at http://%s:%d/docs", shown, port, shown, port
+    )
+
+
+def process_app(settings: Settings | None = None) -> FastAPI:
+    """The app of one of several API processes (a uvicorn factory): the parent's settings, its logs through the
+    same handler as the parent's."""
+    settings = settings or get_settings()
     configure_logging(settings.log_format, secrets=settings.api_key)
     return create_app(settings)
 
 
-def serve_processes(settings: Settings, worker: subprocess.Popen[bytes] | None) -> None:
-    """settings.api_processes API processes on one socket, until Ctrl-C or SIGTERM; then the worker stops."""
+def serve_processes(settings: Settings, on_exit: Callable[[], None] | None = None) -> None:
+    """settings.api_processes API processes on one socket, until Ctrl-C or SIGTERM; then `on_exit`."""
     own_dir, shared = None, multiprocess_dir()
     if shared is None:
         own_dir = tempfile.mkdtemp(prefix="convlens-metrics-")
@@ -131,41 +104,47 @@ def serve_processes(settings: Settings, worker: subprocess.Popen[bytes] | None) 
     else:  # a folder of the operator's: what an earlier run left would be summed in
         for stale in Path(shared).glob("*.db"):
             stale.unlink(missing_ok=True)
-    # The processes read the environment: carry what the caller may have set on the Settings object.
-    os.environ |= {"CONVLENS_HOME": str(settings.home), "CONVLENS_HOST": settings.host}
-    os.environ |= {"CONVLENS_PORT": str(settings.port), "CONVLENS_API_PROCESSES": str(settings.api_processes)}
-    if settings.data_dir:
-        os.environ["CONVLENS_DATA_DIR"] = str(settings.data_dir)
-    config = uvicorn_config("service.server:process_app", settings, factory=True, workers=settings.api_processes)
+    config = uvicorn_config(AppFactory(settings), settings, factory=True, workers=settings.api_processes)
     sock = config.bind_socket()
+    announce(settings.host, settings.port)
     try:
         Multiprocess(config, sockets=[sock]).run()  # SIGTERM/Ctrl-C: stops every process gracefully, then returns
     finally:
         sock.close()
-        if worker:
-            stop_worker(worker)
+        if on_exit:
+            on_exit()
         if own_dir:
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
-def serve(settings: Settings) -> None:
-    """Serve the API on settings.host:settings.port until Ctrl-C or SIGTERM, with a local worker if no broker."""
+def serve(settings: Settings, on_exit: Callable[[], None] | None = None) -> None:
+    """Serve the API on settings.host:settings.port until Ctrl-C or SIGTERM; then `on_exit` (once)."""
     # One handler for everything, uvicorn's loggers included (log_config=None leaves them propagating to it).
     configure_logging(settings.log_format, secrets=settings.api_key)
-    worker = start_worker(settings)
+    done = once(on_exit)
     if settings.api_processes > 1:
-        serve_processes(settings, worker)
+        serve_processes(settings, done)
         return
-    server = _Server(
-        uvicorn_config(create_app(settings), settings), on_exit=lambda: stop_worker(worker) if worker else None
-    )
+    server = _Server(uvicorn_config(create_app(settings), settings), on_exit=done)
     try:
         server.run()
     except KeyboardInterrupt:
         pass  # uvicorn re-raises the Ctrl-C it handled; everything has stopped by now
     finally:
-        if worker:
-            stop_worker(worker)
+        done()
+
+
+def once(fn: Callable[[], None] | None) -> Callable[[], None]:
+    """`fn` callable any number of times, run at most once (shutdown paths may each call it)."""
+    called = False
+
+    def run() -> None:
+        nonlocal called
+        if fn and not called:
+            called = True
+            fn()
+
+    return run
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The API's one settings object, read once from CONVLENS_* environment variables."""
+"""The API's one settings object: the shared fields (jobqueue.settings) plus the server's own knobs."""
 
 from __future__ import annotations
 
@@ -7,20 +7,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
+
+from jobqueue.settings import CommonSettings, split_commas
 
 
-class Settings(BaseSettings):
+class Settings(CommonSettings):
     """Every knob of the API server; `CONVLENS_<NAME>` sets `<name>`."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVLENS_", env_file=".env", extra="ignore")
-
-    home: Path = Field(Path("var"), description="the run store (checkpoints, runs, registry.json)")
-    data_dir: Path | None = Field(None, description="dataset root; default <home>/data")
-    broker_url: str | None = Field(None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset: embedded")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
     default_model: str | None = Field(
         None, description="model id served by default when registry.json names none (POST /models/{id}/default)"
     )
@@ -31,7 +27,6 @@ class Settings(BaseSettings):
     model_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="comma-separated extra folders of <id>.json + <id>.safetensors (shipped)"
     )
-    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys")
     auth: Literal["writes", "all"] = "writes"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
@@ -54,14 +49,7 @@ class Settings(BaseSettings):
         le=64,
         description="API processes sharing the port (`serve`), each with its own event loop, batcher and models",
     )
-    torch_threads: int | None = Field(
-        None,
-        ge=1,
-        le=256,
-        description="torch CPU threads per API process; default: the usable cores minus one per process, shared out",
-    )
     access_log: bool = Field(True, description="one log line per request (method, path, status, ms, request id)")
-    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line; text")
     max_sse_per_client: int = Field(
         8, ge=1, le=10_000, description="open GET /jobs/{id}/events streams one client IP may hold; past it 429"
     )
@@ -72,22 +60,24 @@ class Settings(BaseSettings):
         description="on SIGTERM/Ctrl-C, how long requests in flight may take to finish (event streams end at once)",
     )
     embedded_worker: bool = Field(True, description="`serve` also starts a local worker when no broker is set")
+    predict_engine: Literal["auto", "torch", "openvino"] = Field(
+        "auto",
+        description="what runs /predict's forward: auto (OpenVINO on the CPU when installed, torch on CUDA), "
+        "torch, openvino; checked against torch at model load, torch when the check or the export fails",
+    )
+    predict_precision: Literal["auto", "f32", "bf16"] = Field(
+        "f32",
+        description="the engine's precision: f32 (answers equal torch's), bf16 (faster on CPUs with bf16 "
+        "instructions; refused past a 0.2-point validation accuracy change), auto (bf16 where that gate passes)",
+    )
+    predict_gate_images: int = Field(
+        10_000, ge=0, le=100_000, description="validation images the engine's gate compares with torch at export"
+    )
 
-    @field_validator("api_key", "cors_origins", "model_dirs", mode="before")
+    @field_validator("cors_origins", "model_dirs", mode="before")
     @classmethod
-    def _split(cls, v: object) -> object:
-        if isinstance(v, str):
-            return [s.strip() for s in v.split(",") if s.strip()]
-        return v
-
-    @property
-    def data_root(self) -> Path:
-        return self.data_dir or self.home / "data"
-
-    @property
-    def queue_dir(self) -> Path:
-        """The embedded broker's folders (used when no broker_url is set)."""
-        return self.home / "queue"
+    def _split_lists(cls, v: object) -> object:
+        return split_commas(v)
 
 
 @lru_cache

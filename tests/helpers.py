@@ -1,7 +1,9 @@
-"""Helpers for tests that talk to a real server process: start uvicorn on a free port, stop it by its PID."""
+"""The one copy of what tests and bench/ scripts share: real server and redis-server processes on free ports
+(stopped by their PIDs), polling with a deadline, a small tmpfs, and a random model with non-trivial BN."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -9,14 +11,40 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
+import torch
+from torch import nn
+
+from models.resnet import ResNet18, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = "redis://127.0.0.1:6379/14"  # a db of its own; each test also uses a queue name of its own
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], timeout: float, what: str | Callable[[], str], interval: float = 0.1) -> T:
+    """Poll until `check()` is truthy and return it; after `timeout` s fail naming `what` (a callable: read then)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
+
+
+def answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether GET `url` answers 200 right now (False while nothing listens)."""
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def descendants(pid: int) -> list[int]:
@@ -58,11 +86,9 @@ class Server:
 
     def wait_log(self, text: str, timeout: float = 10.0) -> None:
         """Wait until `text` appears in the server's log."""
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in the server log after {timeout}s:\n{self.log()[-3000:]}")
-            time.sleep(0.02)
+        wait_for(
+            lambda: text in self.log(), timeout, lambda: f"{text!r} in the server log:\n{self.log()[-3000:]}", 0.02
+        )
 
     def client(self, timeout: float = 30.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -103,7 +129,8 @@ def start_server(
     `app=SERVE` runs the production entry point instead (`convlens serve`: several API processes with
     CONVLENS_API_PROCESSES, a local worker unless CONVLENS_EMBEDDED_WORKER=false).
     Settings come from CONVLENS_* variables: `env` adds or overrides them (e.g. CONVLENS_BROKER_URL).
-    `torch_threads=1` by default, since the suite shares two cores; None leaves torch's own choice.
+    `torch_threads=1` by default, since the suite shares two cores; None leaves torch's own choice. /predict runs
+    on eager torch unless `env` names an engine (an export per fresh store would cost every server seconds).
     """
     port = free_port()
     full_env = {
@@ -113,12 +140,13 @@ def start_server(
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         **({"CONVLENS_DATA_DIR": str(data_dir)} if data_dir else {}),
         **({"CONVLENS_TORCH_THREADS": str(torch_threads)} if torch_threads else {}),
+        "CONVLENS_PREDICT_ENGINE": "torch",
         **(env or {}),
     }
     log_path = (log_dir or home) / f"server-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if app == SERVE:
-        cmd = [sys.executable, "-m", "worker.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [sys.executable, "-m", "convlens", "serve", "--host", "127.0.0.1", "--port", str(port)]
     else:
         cmd = [sys.executable, "-m", "uvicorn", "--factory", app, "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--no-access-log", "--log-level", "warning"]
@@ -129,11 +157,8 @@ def start_server(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before answering:\n{server.log()[-4000:]}")
-        try:
-            if httpx.get(server.url + ready_path, timeout=1.0).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
+        if answers(server.url + ready_path, timeout=1.0):
+            return server
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"server did not answer {ready_path} within {timeout}s:\n{server.log()[-4000:]}")
@@ -173,3 +198,71 @@ def add_run(
     meta = json.loads(best.read_text())
     atomic_write_json(best, {**meta, "created": created if created is not None else time.time()})
     return dst
+
+
+def redis_up(url: str = REDIS_URL) -> bool:
+    """Whether a Redis at `url` answers PING within a second."""
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server on a free port (no persistence), so a test can restart it; `password`: requirepass."""
+
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        cmd += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        cmd += ["--requirepass", self.password] if self.password else []
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: redis_up(self.url), 10, f"redis-server on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's syntax: "70m") on `path`, unmounted afterwards; skips the test where it can't."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def random_model(arch: str = "resnet18", dtype: torch.dtype = torch.float32, seed: int = 0) -> ResNet18:
+    """A seeded eval model whose BN is far from identity (random running stats and affine)."""
+    torch.manual_seed(seed)
+    model = build_model(arch).to(dtype).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return model

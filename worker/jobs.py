@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from jobqueue.contract import NOT_RESUMED
 from models.config import TrainConfig
 from models.errors import ConvLensError
 from models.runs import RunStore
@@ -52,7 +53,7 @@ def execute_run(
 ) -> dict[str, Any]:
     """Train the run's config to the end (resuming its checkpoint), keeping run.json the source of truth."""
     run = store.read_run(run_id)
-    if run["status"] in ("succeeded", "cancelled"):
+    if run["status"] in NOT_RESUMED:
         return run  # delivered again after it finished: nothing to do (idempotent by id)
     try:
         cfg = TrainConfig.model_validate(run["config"])

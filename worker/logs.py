@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from celery import current_task
 from celery.signals import celeryd_after_setup, celeryd_init, setup_logging, worker_ready, worker_shutting_down
 
-from models.logs import configure
+from models.logs import configure, resolve_format
 from worker.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger("convlens.worker")
@@ -71,16 +71,22 @@ def _early_setup(options: dict[str, Any] | None = None, **_: Any) -> None:
 
 def _after_setup(sender: str, instance: Any, **_: Any) -> None:
     settings = get_worker_settings()
-    log.info("worker %s settings: %s", sender, settings.model_dump(mode="json"))  # redacted by the handler
-    if settings.log_format == "json" and not instance.quiet:
-        instance.quiet = True  # Celery would print its banner to stdout: log it instead, as one record
+    if instance.quiet:
+        return
+    # Celery would print its multi-line banner to stdout: machines get it as one record, people one short line.
+    instance.quiet = True
+    if resolve_format(settings.log_format) == "json":
+        log.info("worker %s settings: %s", sender, settings.model_dump(mode="json"))  # redacted by the handler
         log.info("celery worker %s\n%s%s", sender, instance.startup_info(artlines=False), instance.extra_info() or "")
+    else:
+        where = settings.broker_url or f"the embedded queue in {settings.queue_dir}"
+        log.info("worker %s: queue %r on %s, run store %s", sender, settings.queue, where, settings.home)
 
 
 def _quiet_sigterm(sender: Any, **_: Any) -> None:
     """JSON mode: Celery's SIGTERM handler, without the plain line it writes to stdout (logged by _shutting_down)."""
     worker = getattr(sender, "controller", None)
-    if get_worker_settings().log_format != "json" or worker is None:
+    if resolve_format(get_worker_settings().log_format) != "json" or worker is None:
         return
     from celery.apps.worker import install_worker_term_handler
 

@@ -26,13 +26,14 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from kombu.transport import filesystem
 
+from jobqueue.app import send_train
+from jobqueue.contract import LEASE_FILE as LEASE
+from jobqueue.contract import TRAIN_TASK
 from models.runs import RunStore
-from worker.celery_app import TASK_NAME, send_train
 from worker.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger("convlens.reconcile")
 
-LEASE = "lease"
 _HELD: set[Path] = set()  # leases this process holds: its own pid in one of those is not a dead predecessor
 
 
@@ -163,7 +164,7 @@ def _task_id(raw: bytes | str) -> str | None:
     except ValueError:
         return None
     headers = msg.get("headers") or {}
-    if headers.get("task") != TASK_NAME:
+    if headers.get("task") != TRAIN_TASK:
         return None
     tid = headers.get("id") or (msg.get("properties") or {}).get("correlation_id")
     return str(tid) if tid else None

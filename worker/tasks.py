@@ -12,9 +12,11 @@ from celery import Task
 from celery.signals import worker_shutting_down
 from pydantic import ValidationError
 
+from jobqueue.app import send_train
+from jobqueue.contract import TERMINAL, TRAIN_TASK
 from models.config import TrainConfig
-from models.runs import TERMINAL, RunStore, validate_run_id
-from worker.celery_app import TASK_NAME, send_train, worker_app
+from models.runs import RunStore, validate_run_id
+from worker.celery_app import worker_app
 from worker.reconcile import Lease, owner_info, record_lost
 from worker.settings import WorkerSettings, get_worker_settings
 
@@ -110,7 +112,7 @@ def _report_progress(task: Task, progress: dict[str, Any]) -> None:
         log.warning("progress report failed: %s", e)
 
 
-@app.task(name=TASK_NAME, bind=True)
+@app.task(name=TRAIN_TASK, bind=True)
 def train(self: Task, run_id: str) -> dict[str, Any]:
     """Train (or resume) the run `run_id` of the run store."""
     settings = get_worker_settings()

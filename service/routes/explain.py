@@ -4,6 +4,7 @@ backprop for one image, several methods sharing one forward (and backward) pass.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
@@ -117,6 +118,57 @@ def _explanation_json(e: Explanation, classes: list[str]) -> dict[str, Any]:
     return out
 
 
+MethodQuery = Annotated[
+    str,
+    Query(
+        max_length=512,
+        description=f"comma-separated, or `all`: {', '.join(METHODS)} (aliases: "
+        + ", ".join(f"{a}={m}" for a, m in ALIASES.items())
+        + f"). Layer-dependent: {', '.join(LAYER_METHODS)}",
+        examples=["gradcam", "gradcam,saliency,occlusion", "all"],
+    ),
+]
+TargetQuery = Annotated[
+    str | None, Query(max_length=64, description="class name or index to explain; default: the predicted class")
+]
+LayerQuery = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        description="layer for the CAM methods and occlusion; default: the deepest named layer whose map is "
+        "larger than 1x1 (layer4, or layer3 for the seed stem at 32x32, whose layer4 is 1x1)",
+        examples=["layer3", "conv5_x"],
+    ),
+]
+ParamsQuery = Annotated[
+    str | None,
+    Query(
+        max_length=4096,
+        description="method parameters as JSON {method: {param: value}}; or query entries `method.param=value`."
+        f" Parameters: {PARAM_DOC}",
+    ),
+]
+ViewQuery = Annotated[
+    Literal["figure", "overlay", "heatmap"],
+    Query(description="png: figure (input + each method, overlay above heatmap), or one method's overlay/heatmap"),
+]
+CmapQuery = Annotated[Literal["jet", "inferno", "viridis", "magma", "turbo", "hot", "gray"], Query()]
+AlphaQuery = Annotated[float, Query(ge=0, le=1, description="overlay opacity of the heatmap")]
+SizeQuery = Annotated[int | None, Query(ge=32, le=512, description="png: displayed size of each tile (pixels)")]
+FormatQuery = Annotated[Literal["png", "json", "npy"], Query()]
+
+
+@dataclass(frozen=True)
+class _Drawing:
+    """How the answer is drawn: format, and for png the view, colour map, overlay opacity and tile size."""
+
+    format: str
+    view: str
+    cmap: str
+    alpha: float
+    size: int | None
+
+
 @router.post(
     "/explain",
     summary="Explain a prediction: Grad-CAM, Grad-CAM++, guided Grad-CAM, saliency, SmoothGrad, IG, occlusion, ...",
@@ -139,45 +191,15 @@ async def post_explain(
     batcher: BatcherDep,
     settings: SettingsDep,
     model: ModelParam,
-    method: Annotated[
-        str,
-        Query(
-            max_length=512,
-            description=f"comma-separated, or `all`: {', '.join(METHODS)} (aliases: "
-            + ", ".join(f"{a}={m}" for a, m in ALIASES.items())
-            + f"). Layer-dependent: {', '.join(LAYER_METHODS)}",
-            examples=["gradcam", "gradcam,saliency,occlusion", "all"],
-        ),
-    ] = "gradcam",
-    target: Annotated[
-        str | None,
-        Query(max_length=64, description="class name or index to explain; default: the predicted class"),
-    ] = None,
-    layer: Annotated[
-        str | None,
-        Query(
-            max_length=64,
-            description="layer for the CAM methods and occlusion; default: the deepest named layer whose map is "
-            "larger than 1x1 (layer4, or layer3 for the seed stem at 32x32, whose layer4 is 1x1)",
-            examples=["layer3", "conv5_x"],
-        ),
-    ] = None,
-    params: Annotated[
-        str | None,
-        Query(
-            max_length=4096,
-            description="method parameters as JSON {method: {param: value}}; or query entries `method.param=value`."
-            f" Parameters: {PARAM_DOC}",
-        ),
-    ] = None,
-    view: Annotated[
-        Literal["figure", "overlay", "heatmap"],
-        Query(description="png: figure (input + each method, overlay above heatmap), or one method's overlay/heatmap"),
-    ] = "figure",
-    cmap: Annotated[Literal["jet", "inferno", "viridis", "magma", "turbo", "hot", "gray"], Query()] = "jet",
-    alpha: Annotated[float, Query(ge=0, le=1, description="overlay opacity of the heatmap")] = 0.5,
-    size: Annotated[int | None, Query(ge=32, le=512, description="png: displayed size of each tile (pixels)")] = None,
-    format: Annotated[Literal["png", "json", "npy"], Query()] = "png",
+    method: MethodQuery = "gradcam",
+    target: TargetQuery = None,
+    layer: LayerQuery = None,
+    params: ParamsQuery = None,
+    view: ViewQuery = "figure",
+    cmap: CmapQuery = "jet",
+    alpha: AlphaQuery = 0.5,
+    size: SizeQuery = None,
+    format: FormatQuery = "png",
 ) -> Response:
     """Heatmaps (on the input grid) of why the model gives `target` for the image; npy: (methods, H, W) float32."""
     methods = parse_methods(method)
@@ -186,53 +208,56 @@ async def post_explain(
     if format == "png" and view != "figure" and len(methods) != 1:
         raise InvalidArgument(f"view={view} draws one method; {len(methods)} were asked (use view=figure)")
     loaded = await registry.aget(model)
-    classes = loaded.classes
-    tgt = parse_target(target, classes)
+    tgt = parse_target(target, loaded.classes)
     x, u8 = await _one_image(request, settings, loaded)
     net: ResNet18 = loaded.model  # type: ignore[assignment]
     canon = canon or default_cam_layer(net, int(loaded.meta.get("input_size", 32)))
     mean, std = loaded.meta["mean"], loaded.meta["std"]
     found = await batcher.call(lambda: explain(net, x, methods, tgt, canon, extra, mean, std))
-    shared = next(iter(found.values())).probabilities
+    drawing = _Drawing(format, view, cmap, alpha, size)
+    return await run_in_threadpool(lambda: _answer(found, loaded.id, loaded.classes, u8, drawing))
+
+
+def _answer(
+    found: dict[str, Explanation], model_id: str, classes: list[str], u8: torch.Tensor, d: _Drawing
+) -> Response:
+    """The explanations as npy, JSON or a PNG (figure, overlay or heatmap), with headers naming what was done."""
+    names = list(found)
+    first = found[names[0]]
+    shared = first.probabilities
     assert shared is not None  # explain() sets it on every method's result
     probs = shared[0].detach().float().cpu()
     top = int(probs.argmax())
-    names = list(found)
     headers = {
-        "X-ConvLens-Model": loaded.id,
+        "X-ConvLens-Model": model_id,
         "X-ConvLens-Methods": ",".join(names),
         "X-ConvLens-Predicted": classes[top],
-        "X-ConvLens-Target": classes[found[names[0]].targets[0]],
+        "X-ConvLens-Target": classes[first.targets[0]],
     }
-
-    def answer() -> Response:
-        first = found[names[0]]
-        if format == "npy":
-            heat = torch.stack([found[m].heatmap[0].detach().float().cpu() for m in names])
-            headers["Content-Disposition"] = 'attachment; filename="explain.npy"'
-            return Response(render.npy_bytes(heat), media_type="application/octet-stream", headers=headers)
-        if format == "json":
-            body = {
-                "model": loaded.id,
-                "target": first.targets[0],
-                "target_class": classes[first.targets[0]],
-                "predicted": {"index": top, "name": classes[top], "probability": float(probs[top])},
-                "target_probability": float(probs[first.targets[0]]),
-                "methods": {m: _explanation_json(found[m], classes) for m in names},
-            }
-            return JSONResponse(body, headers=headers)
-        heat0 = found[names[0]].heatmap[0].detach().float().cpu()
-        img = _shown(u8, (heat0.shape[-2], heat0.shape[-1]))
-        if view == "overlay":
-            png = explain_render.overlay_png(img, heat0, cmap, alpha, size)
-        elif view == "heatmap":
-            png = explain_render.heatmap_png(heat0, cmap, size)
-        else:
-            cpu = {
-                m: Explanation(e.method, e.heatmap.detach().float().cpu(), e.targets, layer=e.layer)
-                for m, e in found.items()
-            }
-            png = explain_render.figure_png(img, cpu, 0, classes, cmap, alpha, size)
-        return Response(png, media_type="image/png", headers=headers)
-
-    return await run_in_threadpool(answer)
+    if d.format == "npy":
+        heat = torch.stack([found[m].heatmap[0].detach().float().cpu() for m in names])
+        headers["Content-Disposition"] = 'attachment; filename="explain.npy"'
+        return Response(render.npy_bytes(heat), media_type="application/octet-stream", headers=headers)
+    if d.format == "json":
+        body = {
+            "model": model_id,
+            "target": first.targets[0],
+            "target_class": classes[first.targets[0]],
+            "predicted": {"index": top, "name": classes[top], "probability": float(probs[top])},
+            "target_probability": float(probs[first.targets[0]]),
+            "methods": {m: _explanation_json(found[m], classes) for m in names},
+        }
+        return JSONResponse(body, headers=headers)
+    heat0 = first.heatmap[0].detach().float().cpu()
+    img = _shown(u8, (heat0.shape[-2], heat0.shape[-1]))
+    if d.view == "overlay":
+        png = explain_render.overlay_png(img, heat0, d.cmap, d.alpha, d.size)
+    elif d.view == "heatmap":
+        png = explain_render.heatmap_png(heat0, d.cmap, d.size)
+    else:
+        cpu = {
+            m: Explanation(e.method, e.heatmap.detach().float().cpu(), e.targets, layer=e.layer)
+            for m, e in found.items()
+        }
+        png = explain_render.figure_png(img, cpu, 0, classes, d.cmap, d.alpha, d.size)
+    return Response(png, media_type="image/png", headers=headers)

@@ -11,6 +11,8 @@ from celery import Celery
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from jobqueue.app import send_train, sender_app
+from jobqueue.contract import LEASE_FILE, TERMINAL
 from models.config import TrainConfig
 from models.runs import RUN_ID_RE
 from service.auth import AUTH_401, WriteAccess
@@ -18,7 +20,6 @@ from service.deps import SettingsDep, StoreDep
 from service.jobs_curves import render_curves
 from service.jobs_sse import CountedStreamingResponse, StreamLimiter, job_events, parse_event_id
 from service.jobs_view import CancelAnswer, JobCreated, JobList, Kind, MetricsPage, Status, job_table, metrics_page
-from worker.celery_app import send_train, sender_app
 
 log = logging.getLogger("convlens.jobs")
 router = APIRouter(tags=["jobs"])
@@ -38,7 +39,7 @@ def get_sender(request: Request, settings: SettingsDep) -> Celery:
     with _sender_lock:
         sender = getattr(request.app.state, "celery_sender", None)
         if sender is None:
-            sender = request.app.state.celery_sender = sender_app(settings.broker_url, settings.home)
+            sender = request.app.state.celery_sender = sender_app(settings)
     return sender  # type: ignore[no-any-return]
 
 
@@ -127,11 +128,11 @@ def cancel_job(run_id: RunId, store: StoreDep, response: Response) -> CancelAnsw
     """Cancel a queued job (200, cancelled now) or a running one (202: it stops at its next step)."""
     run = store.read_run(run_id)
     status = run["status"]
-    if status in ("succeeded", "failed"):
+    if status in TERMINAL and status != "cancelled":  # cancelling a cancelled job again is a no-op
         raise HTTPException(409, f"job {run_id} already {status}; there is nothing to cancel")
     if status != "cancelled":
         store.request_cancel(run_id)  # the flag first: a worker taking the job now still sees it
-        if status == "queued" and not (store.run_dir(run_id) / "lease").exists():
+        if status == "queued" and not (store.run_dir(run_id) / LEASE_FILE).exists():
             status = store.update_run(run_id, status="cancelled", finished=time.time())["status"]
         else:
             response.status_code = 202

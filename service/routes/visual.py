@@ -316,9 +316,9 @@ async def post_reconstruct(
         "activation_mean": rec.activation_mean,
         "argmax": [list(p) for p in rec.argmax],
     }
-    return await run_in_threadpool(
-        _respond, format, loaded, png, proj, info, f"reconstruct-{canon}", {"X-ConvLens-Channels": _csv(rec.channels)}
-    )
+    rows, cols = render.grid_shape(proj.shape[0] + 1)  # the input is the first tile: the page maps clicks with it
+    headers = {"X-ConvLens-Channels": _csv(rec.channels), "X-ConvLens-Grid": f"{rows},{cols}"}
+    return await run_in_threadpool(_respond, format, loaded, png, proj, info, f"reconstruct-{canon}", headers)
 
 
 # ---- GET /topk -------------------------------------------------------------------------------------------------

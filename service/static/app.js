@@ -13,6 +13,7 @@ const state = {
   imageName: "",
   classes: [], // the chosen model's classes
   layerChannels: [], // channels of the current projection grid, in grid order
+  grid: null, // [rows, cols] of that grid, from the server's X-ConvLens-Grid
   watch: null, // {id, abort: AbortController}
   jobsTimer: null,
 };
@@ -324,6 +325,7 @@ async function lookInside() {
     setImage($("#projections"), url);
     const channels = (res.headers.get("X-ConvLens-Channels") || "").split(",").filter(Boolean).map(Number);
     state.layerChannels = opts.mode === "each" ? channels : [];
+    state.grid = (res.headers.get("X-ConvLens-Grid") || "").split(",").map(Number); // rows,cols
     state.inside = opts;
     chips.replaceChildren(
       ...state.layerChannels.map((c) =>
@@ -333,14 +335,13 @@ async function lookInside() {
   });
 }
 
-/** A click on the projection grid: which tile (the grid is ceil(sqrt(n)) wide, the input first). */
+/** A click on the projection grid: which tile (the server says the grid's shape; the input is the first tile). */
 function gridClick(e) {
   const n = state.layerChannels.length + 1;
-  if (n < 2) return;
+  if (n < 2 || !state.grid) return;
   const img = e.currentTarget;
   const rect = img.getBoundingClientRect();
-  const cols = n <= 4 ? n : Math.ceil(Math.sqrt(n));
-  const rows = Math.ceil(n / cols);
+  const [rows, cols] = state.grid;
   const col = Math.floor(((e.clientX - rect.left) / rect.width) * cols);
   const row = Math.floor(((e.clientY - rect.top) / rect.height) * rows);
   const tile = row * cols + col;
@@ -478,34 +479,63 @@ function addRecord(rec) {
   }
 }
 
+/** The training config's fields, as the API publishes them (OpenAPI's TrainConfig): names, types, bounds,
+ * choices and defaults (the seed's recipe). The form is built from them, so a new field needs no page change. */
+let configSchema = null;
+
+/** A field's own schema: `anyOf: [X, null]` (an optional field) is X, marked nullable. */
+function fieldSchema(prop) {
+  const parts = prop.anyOf || [];
+  const own = parts.find((p) => p.type !== "null");
+  return own ? { ...prop, ...own, nullable: parts.some((p) => p.type === "null") } : { ...prop, nullable: false };
+}
+
+function configInput(name, f) {
+  const label = (f.title || name).replace(/_/g, " ");
+  const hint = f.description ? { title: f.description } : {};
+  if (f.type === "boolean") {
+    const box = el("input", { name, type: "checkbox" });
+    box.checked = f.default === true;
+    return el("label", hint, box, ` ${label}`);
+  }
+  let input;
+  if (f.enum) {
+    input = el("select", { name }, ...f.enum.map((v) => el("option", { text: String(v) })));
+    input.value = String(f.default ?? f.enum[0]);
+  } else if (f.type === "array") {
+    input = el("input", { name, spellcheck: "false", value: (f.default || []).join(",") });
+  } else {
+    const bounds = {};
+    if (f.minimum !== undefined) bounds.min = f.minimum;
+    if (f.maximum !== undefined) bounds.max = f.maximum;
+    const step = f.type === "integer" ? {} : { step: "any" };
+    input = el("input", { name, type: "number", ...bounds, ...step });
+    if (f.default !== undefined && f.default !== null) input.value = String(f.default);
+    else if (f.nullable) input.placeholder = "none";
+  }
+  return el("label", hint, `${label} `, input);
+}
+
+async function loadConfigFields() {
+  const spec = await getJSON("/openapi.json");
+  configSchema = spec.components.schemas.TrainConfig.properties;
+  const fields = Object.entries(configSchema).map(([name, prop]) => configInput(name, fieldSchema(prop)));
+  $("#config-fields").replaceChildren(...fields);
+}
+
 function trainConfig(form) {
   const f = new FormData(form);
-  const num = (k) => Number(f.get(k));
-  const cfg = {
-    arch: f.get("arch"),
-    dataset: f.get("dataset"),
-    epochs: num("epochs"),
-    batch_size: num("batch_size"),
-    optimizer: f.get("optimizer"),
-    lr: num("lr"),
-    momentum: num("momentum"),
-    nesterov: f.get("nesterov") !== null,
-    weight_decay: num("weight_decay"),
-    schedule: f.get("schedule"),
-    milestones: String(f.get("milestones") || "")
-      .split(/[\s,]+/)
-      .filter(Boolean)
-      .map(Number),
-    gamma: num("gamma"),
-    label_smoothing: num("label_smoothing"),
-    crop: f.get("crop") !== null,
-    flip: f.get("flip") !== null,
-    seed: num("seed"),
-    val_size: num("val_size"),
-    log_every: num("log_every"),
-  };
-  const limit = String(f.get("train_limit") || "").trim();
-  if (limit) cfg.train_limit = Number(limit);
+  const cfg = {};
+  for (const [name, prop] of Object.entries(configSchema || {})) {
+    const s = fieldSchema(prop);
+    if (s.type === "boolean") cfg[name] = f.get(name) !== null;
+    else if (s.type === "array") cfg[name] = String(f.get(name) || "").split(/[\s,]+/).filter(Boolean).map(Number);
+    else {
+      const raw = String(f.get(name) ?? "").trim();
+      if (raw === "" && s.nullable) continue;
+      cfg[name] = s.enum ? raw : Number(raw);
+    }
+  }
   return { cfg, runId: String(f.get("run_id") || "").trim() };
 }
 
@@ -526,6 +556,143 @@ async function submitTraining(e) {
   }
 }
 
+// ---- the watched job across training time: conv1 at every epoch, and the layer statistics ---------------------
+
+const lapse = { id: null, playing: false, records: [] };
+const LAYERS = ["conv1", "layer1", "layer2", "layer3", "layer4", "fc"];
+const STATS = ["weight_norm", "grad_norm", "update_ratio", "dead", "act_mean"];
+
+function lapseReset(id) {
+  const path = `/jobs/${encodeURIComponent(id)}`;
+  Object.assign(lapse, { id, playing: false, records: [] });
+  setPlaying(false);
+  const slider = $("#lapse-epoch");
+  Object.assign(slider, { min: 0, max: 0, value: 0, disabled: true });
+  $("#lapse-play").disabled = true;
+  $("#lapse-img").hidden = true;
+  $("#lapse-label").textContent = "";
+  $("#lapse-msg").textContent = "";
+  $("#lapse-gif").href = `${path}/filters.gif`;
+  $("#lapse-gif").hidden = true;
+  $("#layers-png").href = `${path}/layers.png`;
+  $("#layer-stats-msg").textContent = "";
+  renderLayerStats();
+}
+
+/** conv1 of the watched job at `epoch` (undefined: the latest) on the run's colour scale; the answer's headers
+ * give the range of the slider. Resolves true when it painted. */
+async function showEpoch(epoch) {
+  const id = lapse.id;
+  const fresh = nextGen("lapse");
+  const painted = await busy($("#lapse"), async () => {
+    let got;
+    try {
+      got = await imageURL(`/jobs/${encodeURIComponent(id)}/filters`, { query: { colours: "run", epoch } });
+    } catch (e) {
+      if (!(e instanceof ApiError) || (e.status !== 409 && e.status !== 404)) throw e;
+      if (fresh() && id === lapse.id) $("#lapse-msg").textContent = e.message; // none yet, or an older run
+      return false;
+    }
+    if (!fresh() || id !== lapse.id) {
+      URL.revokeObjectURL(got.url);
+      return false;
+    }
+    const [lo, hi] = (got.res.headers.get("X-ConvLens-Epochs") || "0-0").split("-").map(Number);
+    const shown = Number(got.res.headers.get("X-ConvLens-Epoch"));
+    Object.assign($("#lapse-epoch"), { min: lo, max: hi, value: shown, disabled: hi <= lo });
+    $("#lapse-play").disabled = hi <= lo;
+    $("#lapse-label").textContent = `epoch ${shown}`;
+    $("#lapse-msg").textContent = "";
+    $("#lapse-gif").hidden = false;
+    const img = $("#lapse-img");
+    setImage(img, got.url);
+    await img.decode().catch(() => {});
+    renderLayerStats();
+    return true;
+  });
+  return painted === true;
+}
+
+/** After an epoch: show the newest snapshot if the slider was on the newest, else keep its epoch; new statistics. */
+function lapseFollow() {
+  loadLayerStats();
+  if (lapse.playing) return; // the play loop reads the range as it goes
+  const slider = $("#lapse-epoch");
+  const newest = slider.disabled || Number(slider.value) >= Number(slider.max);
+  showEpoch(newest ? undefined : Number(slider.value));
+}
+
+function setPlaying(on) {
+  lapse.playing = on;
+  const button = $("#lapse-play");
+  button.setAttribute("aria-pressed", on ? "true" : "false");
+  button.textContent = on ? "Pause" : "Play";
+}
+
+/** Step through the snapshots, one every half second after it loaded, from the slider's epoch (or the first). */
+async function togglePlay() {
+  if (lapse.playing) {
+    setPlaying(false);
+    return;
+  }
+  const slider = $("#lapse-epoch");
+  const id = lapse.id;
+  let epoch = Number(slider.value) >= Number(slider.max) ? Number(slider.min) : Number(slider.value);
+  setPlaying(true);
+  while (lapse.playing && id === lapse.id && (await showEpoch(epoch))) {
+    await new Promise((r) => setTimeout(r, 500));
+    if (epoch >= Number(slider.max)) break;
+    epoch += 1;
+  }
+  if (id === lapse.id) setPlaying(false);
+}
+
+async function loadLayerStats() {
+  const id = lapse.id;
+  const out = await busy($("#layer-stats-panel"), async () => {
+    try {
+      return await getJSON(`/jobs/${encodeURIComponent(id)}/layers`);
+    } catch (e) {
+      if (!(e instanceof ApiError) || e.status !== 404) throw e;
+      if (id === lapse.id) $("#layer-stats-msg").textContent = e.message; // a run older than the statistics
+      return undefined;
+    }
+  });
+  if (!out || id !== lapse.id) return;
+  lapse.records = out.epochs;
+  $("#layer-stats-msg").textContent = out.epochs.length ? "" : "No epoch has ended yet.";
+  renderLayerStats();
+}
+
+function fmtStat(stat, v) {
+  if (v === undefined || v === null) return "n/a";
+  if (stat === "dead") return `${(v * 100).toFixed(1)}%`;
+  const a = Math.abs(v);
+  return a !== 0 && (a >= 1e4 || a < 1e-3) ? v.toExponential(2) : v.toPrecision(3);
+}
+
+/** The statistics of the slider's epoch (or the newest there are) as a table: a row a layer. */
+function renderLayerStats() {
+  const slider = $("#lapse-epoch");
+  const recs = lapse.records;
+  const rec = recs.find((r) => r.epoch === Number(slider.value)) || recs[recs.length - 1];
+  const body = $("#layer-stats tbody");
+  body.replaceChildren();
+  $("#layer-stats-epoch").textContent = rec ? `${rec.epoch}${rec.epoch === 0 ? " (initialisation)" : ""}` : "-";
+  if (!rec) return;
+  for (const layer of LAYERS) {
+    const stats = rec.layers[layer] || {};
+    body.append(
+      el(
+        "tr",
+        { "data-layer": layer },
+        el("th", { scope: "row", text: layer }),
+        ...STATS.map((k) => el("td", { text: fmtStat(k, stats[k]) })),
+      ),
+    );
+  }
+}
+
 async function watchJob(id) {
   if (state.watch) state.watch.abort.abort();
   const abort = new AbortController();
@@ -533,6 +700,7 @@ async function watchJob(id) {
   localStorage.setItem(WATCH_STORE, id);
   lossChart.clear();
   accChart.clear();
+  lapseReset(id);
   $("#watch-id").textContent = `(job ${id})`;
   const status = $("#watch-status");
   status.textContent = "Loading the job's history...";
@@ -559,9 +727,11 @@ async function watchJob(id) {
     return;
   }
   status.textContent = `Following job ${id}...`;
+  lapseFollow();
   await followEvents(`/jobs/${encodeURIComponent(id)}/events?after_step=${after}`, {
     signal: abort.signal,
     onEvent(name, data) {
+      if (name === "epoch") lapseFollow(); // its snapshot and statistics are written before its record
       if (name === "step" || name === "epoch" || name === "final") {
         addRecord(data);
         if (name === "step") {
@@ -569,12 +739,14 @@ async function watchJob(id) {
         }
       } else if (name === "status") {
         panel.dataset.status = data.status;
+        if (data.status === "running" && $("#lapse-img").hidden) showEpoch(); // epoch 0 comes as training starts
         const p = data.progress || {};
         const where = p.step !== undefined ? `, step ${p.step}${p.total_steps ? ` of ${p.total_steps}` : ""}` : "";
         status.textContent = `Job ${id}: ${data.status}${p.phase ? ` (${p.phase})` : ""}${where}.`;
         loadJobs();
       } else if (name === "end") {
         panel.dataset.status = data.status;
+        lapseFollow();
         const acc = data.metrics && data.metrics.test_acc;
         status.textContent = `Job ${id} ${data.status}${acc !== undefined && acc !== null ? `: test accuracy ${pct(acc)}` : ""}${data.error ? `: ${data.error}` : ""}.`;
         loadJobs();
@@ -678,8 +850,18 @@ function start() {
   });
   for (const s of document.querySelectorAll("#explain-form select")) s.addEventListener("change", () => explain());
   $("#train-form").addEventListener("submit", submitTraining);
+  $("#train-form").addEventListener("reset", () => setTimeout(loadConfigFields)); // the API's defaults again
+  loadConfigFields().catch((e) => {
+    $("#train-err").textContent = `cannot read the training config's fields: ${e.message}`;
+  });
   $("#jobs-refresh").addEventListener("click", loadJobs);
   $("#models-refresh").addEventListener("click", loadModels);
+  $("#lapse-play").addEventListener("click", togglePlay);
+  $("#lapse-epoch").addEventListener("input", (e) => {
+    setPlaying(false); // a hand on the slider stops the playback
+    $("#lapse-label").textContent = `epoch ${e.currentTarget.value}`;
+    showEpoch(Number(e.currentTarget.value));
+  });
 
   loadModels().then(loadClasses);
   loadFilters();

@@ -20,6 +20,7 @@ from models.data import load_cifar  # noqa: E402
 from tests.helpers import png_bytes  # noqa: E402
 
 expect.set_options(timeout=30_000)
+pytestmark = pytest.mark.slow  # a real browser against a real server and worker
 PHONE = {"width": 390, "height": 844}
 
 
@@ -197,6 +198,19 @@ def test_training_live_curves_reload_cancel_and_default(page: Page, live: Live, 
     seen.append(points(page, "#loss-chart"))
     assert max(seen) > min(seen), f"the curve never gained points: {seen}"
     expect(row.locator("td.status")).to_have_text("succeeded")
+
+    # Across training time: conv1 at every epoch under a slider with a play button, layer statistics beside.
+    expect(page.locator("#lapse-label")).to_have_text("epoch 2")  # the newest snapshot
+    wait_loaded(page, "#lapse-img")
+    assert page.eval_on_selector("#lapse-epoch", "s => [s.min, s.max, s.disabled]") == ["0", "2", False]
+    expect(page.locator("#layer-stats tbody tr")).to_have_count(6)
+    page.fill("#lapse-epoch", "0")
+    expect(page.locator("#lapse-label")).to_have_text("epoch 0")
+    expect(page.locator("#layer-stats-epoch")).to_have_text("0 (initialisation)")
+    page.click("#lapse-play")
+    expect(page.locator("#lapse-label")).to_have_text("epoch 2")  # played through to the end ...
+    expect(page.locator("#lapse-play")).to_have_attribute("aria-pressed", "false")  # ... and stopped there
+    expect(page.locator("#layer-stats-epoch")).to_have_text("2")
     page.screenshot(path=str(artifacts / "training.png"), full_page=True)
 
     # The finished run is a model, now the newest and so the default; make the other one the default (the key

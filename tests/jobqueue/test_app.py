@@ -1,4 +1,4 @@
-"""The Celery app's configuration, the embedded broker's atomic publishing, and what the API imports."""
+"""The job contract's Celery app: configuration, the embedded broker's atomic publishing, what the API imports."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from jobqueue.app import make_celery, send_train, sender_app
+from jobqueue.contract import TRAIN_TASK
 from tests.worker.conftest import ROOT, free_port
-from worker.celery_app import TASK_NAME, make_celery, send_train, sender_app
 from worker.reconcile import waiting_run_ids
 from worker.settings import WorkerSettings
 
@@ -32,7 +33,7 @@ def test_long_job_settings(tmp_path: Path) -> None:
     assert c.worker_pool == "solo" and c.worker_concurrency == 1
     assert c.task_serializer == c.result_serializer == "json"
     assert c.accept_content == c.result_accept_content == ["json"]
-    assert c.task_default_queue == "gpu" and c.task_routes == {TASK_NAME: {"queue": "gpu"}}
+    assert c.task_default_queue == "gpu" and c.task_routes == {TRAIN_TASK: {"queue": "gpu"}}
     # visibility_timeout wherever Celery reads it, longer than any job (a week by default).
     vt = 7 * 24 * 3600
     assert c.broker_transport_options["visibility_timeout"] == vt
@@ -56,12 +57,12 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def test_sender_has_no_result_backend(tmp_path: Path) -> None:
     # The Redis result backend subscribes to every task the API sends; the API never reads results.
-    app = sender_app("redis://127.0.0.1:6379/14", tmp_path)
+    app = sender_app(WorkerSettings(broker_url="redis://127.0.0.1:6379/14", home=tmp_path))
     assert app.conf.result_backend is None and type(app.backend).__name__ == "DisabledBackend"
 
 
 def test_embedded_publish_is_whole_and_listable(tmp_path: Path) -> None:
-    app = sender_app(None, tmp_path)
+    app = sender_app(WorkerSettings(broker_url=None, home=tmp_path))
     send_train(app, "run-a")
     send_train(app, "run-b")
     folder = tmp_path / "queue" / "messages"
@@ -71,11 +72,11 @@ def test_embedded_publish_is_whole_and_listable(tmp_path: Path) -> None:
     assert waiting_run_ids(app, "other") == set()
 
 
+@pytest.mark.slow
 def test_importing_the_app_has_no_side_effects_and_no_training_code(tmp_path: Path) -> None:
     code = (
-        "import sys, worker.celery_app\n"
+        "import sys, jobqueue.app, worker.celery_app\n"
         "assert 'torch' not in sys.modules\n"  # sending a job needs neither torch nor the trainer
-        "import service.routes.jobs\n"
         "heavy = [m for m in ('worker.jobs', 'worker.tasks', 'worker.reconcile') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -84,9 +85,20 @@ def test_importing_the_app_has_no_side_effects_and_no_training_code(tmp_path: Pa
     assert not (tmp_path / "home").exists()
 
 
+@pytest.mark.slow
+def test_the_api_sends_jobs_without_the_worker_package(tmp_path: Path) -> None:
+    code = (
+        "import sys, service.app\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] == 'worker']\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {"CONVLENS_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+
+
 def test_sending_to_a_dead_broker_fails_fast(tmp_path: Path) -> None:
     # POST /train must answer (the run saved, `dispatched: false`) rather than hang on a down Redis.
-    app = sender_app(f"redis://127.0.0.1:{free_port()}/0", tmp_path)
+    app = sender_app(WorkerSettings(broker_url=f"redis://127.0.0.1:{free_port()}/0", home=tmp_path))
     t0 = time.monotonic()
     with pytest.raises(Exception, match="(?i)connect"):
         send_train(app, "run-x")

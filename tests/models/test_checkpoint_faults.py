@@ -21,8 +21,7 @@ import torch
 
 from models.checkpoints import load_checkpoint, meta_path, pending_path, tidy_checkpoints, weights_path
 from models.errors import DiskFull
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, small_tmpfs
 
 WRITER = """
 import sys, torch
@@ -73,6 +72,7 @@ def _kill_when(proc: subprocess.Popen[str], ready: object, timeout: float = 60.0
     proc.wait(10)
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_of_a_checkpoint_write_leaves_a_valid_checkpoint(tmp_path: Path) -> None:
     stem = tmp_path / "ck" / "best"
     wpath = weights_path(stem)
@@ -102,18 +102,13 @@ def test_sigkill_at_any_moment_of_a_checkpoint_write_leaves_a_valid_checkpoint(t
     assert not [p.name for p in stem.parent.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
     """ENOSPC mid-write (a small tmpfs): the save raises, the previous checkpoint still loads, no temp file stays."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        from models.checkpoints import save_checkpoint
-        from models.resnet import build_model
+    from models.checkpoints import save_checkpoint
+    from models.resnet import build_model
 
+    with small_tmpfs(tmp_path / "small", "60m") as mnt:
         model = build_model("resnet18", 10)
         stem = mnt / "best"
         with torch.no_grad():
@@ -126,5 +121,3 @@ def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(tmp_path: Path
         assert _consistent(stem) == 1
         assert sorted(p.name for p in mnt.iterdir()) == ["best.json", "best.safetensors"]
         assert not pending_path(stem).exists()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -35,7 +35,7 @@ def test_loads_both_datasets(synthetic_data: Path) -> None:
 def test_missing_folder_names_it_and_how_to_get_it(tmp_path: Path) -> None:
     with pytest.raises(DatasetMissing) as e:
         load_cifar(tmp_path, "cifar10")
-    assert str(tmp_path / "cifar-10-batches-py") in str(e.value) and "fetch-cifar10.sh" in str(e.value)
+    assert str(tmp_path / "cifar-10-batches-py") in str(e.value) and "convlens data cifar10 --dest" in str(e.value)
     with pytest.raises(UnknownDataset, match="cifar100"):
         dataset_info("mnist")
 

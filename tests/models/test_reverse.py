@@ -13,7 +13,7 @@ from torch import nn
 
 from models.errors import InvalidArgument, UnknownLayer
 from models.hooks import LayerRecorder
-from models.resnet import LAYER_NAMES, BasicBlock, ResNet18, build_model
+from models.resnet import LAYER_NAMES, BasicBlock, ResNet18
 from models.reverse import (
     FOLD_MIN_BATCH,
     ForwardRecord,
@@ -28,29 +28,16 @@ from models.reverse import (
     reconstruct,
     unpool_scatter_add,
 )
+from tests.helpers import random_model
 
 SIZES = {"resnet18": 48, "resnet18-cifar": 16}  # both give layer4 a 2x2 map; small keeps float64 fast
-
-
-def random_model(arch: str, seed: int = 0) -> ResNet18:
-    """A float64 eval model whose BN is far from identity (random running stats and affine)."""
-    torch.manual_seed(seed)
-    model = build_model(arch).double().eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            assert m.running_mean is not None and m.running_var is not None
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return model
 
 
 @pytest.fixture(scope="module", params=list(SIZES))
 def arch_model(request: pytest.FixtureRequest) -> tuple[str, ResNet18, torch.Tensor]:
     arch = request.param
     torch.manual_seed(1)
-    return arch, random_model(arch), torch.randn(3, SIZES[arch], SIZES[arch], dtype=torch.float64)
+    return arch, random_model(arch, torch.float64), torch.randn(3, SIZES[arch], SIZES[arch], dtype=torch.float64)
 
 
 class _ModifiedReLU(torch.autograd.Function):
@@ -186,7 +173,7 @@ class _MaxUnpoolReverse(ReverseResNet):
 
 
 def test_negative_control_max_unpool_differs() -> None:
-    model = random_model("resnet18")
+    model = random_model("resnet18", torch.float64)
     image = torch.randn(3, 64, 64, dtype=torch.float64)
     ref = reference_model(model, "deconvnet")
     rev, bad = ReverseResNet(model), _MaxUnpoolReverse(model)
@@ -198,7 +185,7 @@ def test_negative_control_max_unpool_differs() -> None:
 
 
 def test_negative_control_train_mode_differs() -> None:
-    model = random_model("resnet18")
+    model = random_model("resnet18", torch.float64)
     image = torch.randn(3, 64, 64, dtype=torch.float64)
     got = reconstruct(model, image, "layer2", mode="whole")
     ref = reference_model(model, "deconvnet").train()
@@ -212,7 +199,7 @@ def test_negative_control_train_mode_differs() -> None:
 @torch.no_grad()
 @pytest.mark.parametrize("arch", list(SIZES))
 def test_conv1_one_hot_is_the_filter_times_bn_scale(arch: str) -> None:
-    model = random_model(arch)
+    model = random_model(arch, torch.float64)
     image = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     rev = ReverseResNet(model)
     rec = rev.record(image, "conv1")
@@ -236,7 +223,7 @@ def test_conv1_one_hot_is_the_filter_times_bn_scale(arch: str) -> None:
     ("arch", "layer"), [("resnet18", "conv1"), ("resnet18", "layer2"), ("resnet18-cifar", "conv1")]
 )
 def test_batched_all_channels_equals_single_channel_passes(arch: str, layer: str) -> None:
-    model = random_model(arch)
+    model = random_model(arch, torch.float64)
     image = torch.randn(3, 32, 32, dtype=torch.float64)
     for rule in ("deconvnet", "guided") if layer == "conv1" else ("guided",):
         batched = reconstruct(model, image, layer, rule=rule)  # type: ignore[arg-type]
@@ -296,7 +283,7 @@ def test_conv_transpose_equals_autograd_when_taps_are_cropped() -> None:
 @pytest.mark.parametrize("rule", ["deconvnet", "guided"])
 def test_one_by_one_layer4_matches_autograd(rule: Rule) -> None:
     """32x32 through the seed stem: layer4 is 1x1, where batches run 3x3 transposes cut to their centre tap."""
-    model = random_model("resnet18")
+    model = random_model("resnet18", torch.float64)
     image = torch.randn(3, 32, 32, dtype=torch.float64)
     got = reconstruct(model, image, "layer4", channels=FOLD_MIN_BATCH + 2, rule=rule)
     act = layer_act(model, image, "layer4")

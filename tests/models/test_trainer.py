@@ -43,12 +43,14 @@ def test_one_epoch_learns_and_writes_everything(tmp_path: Path, synthetic_data: 
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
+@pytest.mark.slow
 def test_dataloader_path_trains_too(tmp_path: Path, synthetic_data: Path) -> None:
     cfg = TrainConfig(epochs=1, loader="dataloader", **SMALL)  # type: ignore[arg-type]
     result = train(cfg, tmp_path, synthetic_data, device="cpu", tensorboard=False)
     assert result.status == "succeeded" and result.metrics["test_acc"] > 0.5
 
 
+@pytest.mark.slow
 def test_cancel_stops_between_steps(tmp_path: Path, synthetic_data: Path) -> None:
     cfg = TrainConfig(epochs=3, **SMALL)  # type: ignore[arg-type]
     calls = iter(range(1000))
@@ -64,6 +66,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path: Path, synthetic_data: Path) -> None:
     torch.use_deterministic_algorithms(True)
     try:
@@ -119,6 +122,7 @@ def test_presets_validate(name: str) -> None:
     assert cfg.epochs >= 1
 
 
+@pytest.mark.slow
 def test_gpu_preset_runs_end_to_end_on_the_cpu(tmp_path: Path, synthetic_data: Path) -> None:
     cfg = TrainConfig.model_validate(
         {**PRESETS["gpu-cifar"], "epochs": 1, "batch_size": 32, "train_limit": 64, "val_size": 32}

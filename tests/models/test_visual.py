@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from models.data import normalize
 from models.errors import CheckpointError, InvalidArgument, UnknownLayer
@@ -26,22 +25,9 @@ from models.visual import (
     topk_index_exists,
     topk_index_stem,
 )
+from tests.helpers import random_model
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-
-
-def random_model(arch: str = "resnet18", dtype: torch.dtype = torch.float32) -> ResNet18:
-    """An eval model with BN far from identity."""
-    torch.manual_seed(0)
-    model = build_model(arch).to(dtype).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            assert m.running_mean is not None and m.running_var is not None
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -32,7 +32,10 @@ def home(trained_home: Path, tmp_path: Path) -> Path:
 
 
 def make_client(home: Path, data_dir: Path | None = None, **settings: Any) -> TestClient:
-    """A TestClient over create_app with these settings (enter it to run the lifespan)."""
+    """A TestClient over create_app with these settings (enter it to run the lifespan). /predict runs on eager
+    torch unless a test asks for an engine (tests/service/test_engine.py does): an export per fresh store would
+    cost every test seconds."""
+    settings = {"predict_engine": "torch", **settings}
     return TestClient(create_app(Settings(home=home, data_dir=data_dir, torch_threads=1, **settings)))
 
 
@@ -68,7 +71,7 @@ def server(trained_home: Path, synthetic_data: Path, tmp_path_factory: pytest.Te
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start `python -m worker.cli serve` (what `convlens serve` runs) on a free port, without a local worker;
+    """Start `python -m convlens serve` (what `convlens serve` runs) on a free port, without a local worker;
     at teardown it and every process it started are killed by PID."""
     started: list[Server] = []
 

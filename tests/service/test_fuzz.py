@@ -80,6 +80,7 @@ def fuzz(
     return sent, failures, time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_fuzz_the_whole_api(
     trained_home: Path, synthetic_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -97,6 +98,7 @@ def test_fuzz_the_whole_api(
     assert outside == [], outside
 
 
+@pytest.mark.slow
 def test_fuzz_with_every_route_behind_a_key(
     trained_home: Path, synthetic_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, answers, free_port, redis_up, wait_for
 from tests.service.conftest import make_client
 
-
-def redis_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
+REDIS = "redis://127.0.0.1:6379/0"
 
 
 def test_health(client: TestClient) -> None:
@@ -37,9 +30,9 @@ def test_ready_with_model_and_embedded_queue(client: TestClient) -> None:
     assert r.json()["checks"]["model"] == "tiny loaded" and "writable" in r.json()["checks"]["broker"]
 
 
-@pytest.mark.skipif(not redis_up(), reason="no Redis at 127.0.0.1:6379")
+@pytest.mark.skipif(not redis_up(REDIS), reason="no Redis at 127.0.0.1:6379")
 def test_ready_with_real_redis(trained_home: Path) -> None:
-    with make_client(trained_home, broker_url="redis://127.0.0.1:6379/0") as c:
+    with make_client(trained_home, broker_url=REDIS) as c:
         r = c.get("/ready")
         assert r.status_code == 200 and "reachable" in r.json()["checks"]["broker"]
 
@@ -87,20 +80,15 @@ def test_openapi_documents_both_predict_bodies_and_models(client: TestClient) ->
     assert client.get("/docs").status_code == 200
 
 
+@pytest.mark.slow
 def test_serve_starts_a_worker_and_ctrl_c_stops_both(tmp_path: Path) -> None:
     port = free_port()
     # An empty store: the server starts anyway and /predict says how to train a model.
     env = {**os.environ, "CONVLENS_HOME": str(tmp_path), "CONVLENS_PORT": str(port), "CONVLENS_TORCH_THREADS": "1"}
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "service.server"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen([sys.executable, "-m", "convlens", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/health", timeout=1), 60, "serve to answer /health", 0.2)
         r = httpx.post(f"http://127.0.0.1:{port}/predict", files={"files": ("a.png", b"x")})
         assert r.status_code == 503 and "convlens train" in r.json()["detail"]
         workers = _children(proc.pid)

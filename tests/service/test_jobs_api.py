@@ -12,13 +12,17 @@ from typing import Any
 import httpx
 import pytest
 
+from convlens.main import main
+from convlens.watch import sse_events
 from models.runs import RunStore
 from tests.helpers import Server, start_server
 from tests.worker.conftest import REDIS_URL, Stack, cleanup_redis, job_config, redis_up, wait_for
-from worker.cli import main, sse_events
 
 Event = tuple[str, dict[str, Any], str | None]
 Api = tuple[httpx.Client, Stack]
+
+
+pytestmark = pytest.mark.slow  # every test here talks to a real server and worker (the module's `api`)
 
 
 @pytest.fixture(scope="module")

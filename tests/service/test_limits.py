@@ -6,6 +6,8 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import Server
 
 MAX_BODY = 64 * 1024
@@ -24,6 +26,7 @@ def _chunks(total: int, size: int = 8192) -> Iterator[bytes]:
     yield b'"}'
 
 
+@pytest.mark.slow
 def test_urls_bodies_and_echoes_are_bounded(
     server_factory: Callable[..., Server], home: Path, synthetic_data: Path
 ) -> None:
@@ -56,6 +59,7 @@ def test_urls_bodies_and_echoes_are_bounded(
         assert http.get("/health").status_code == 200  # and the server is none the worse
 
 
+@pytest.mark.slow
 def test_image_routes_keep_their_own_limits(
     server_factory: Callable[..., Server], home: Path, synthetic_data: Path
 ) -> None:

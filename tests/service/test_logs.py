@@ -102,6 +102,7 @@ def test_text_format_has_the_request_id() -> None:
     assert "[rid-1]" in out and "hello ***" in out and KEY not in out
 
 
+@pytest.mark.slow
 def test_serve_writes_json_lines_without_secrets(trained_home: Path, tmp_path: Path) -> None:
     """The real entry point (service.server.serve): every stderr line is JSON, the key never appears."""
     port = free_port()

@@ -172,6 +172,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
     assert batches < images / 2, f"{images} images in {batches} forward passes: requests were not batched"
 
 
+@pytest.mark.slow
 def test_default_swap_keeps_requests_in_flight_and_new_runs_appear(
     home: Path, synthetic_data: Path, server_factory: Callable[..., Server], test_pngs: list[bytes]
 ) -> None:

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.helpers import Server, add_run, descendants
+from tests.helpers import Server, add_run, descendants, wait_for
 
 PREDICT_200 = 'convlens_http_requests_total{method="POST",route="/predict",status="200"}'
 
@@ -45,13 +45,7 @@ def counter(url: str, name: str) -> float:
     return float(line.split()[1]) if line else 0.0
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
-
-
+@pytest.mark.slow
 def test_two_api_processes_serve_as_one(
     serve: Callable[..., Server], home: Path, synthetic_data: Path, test_pngs: list[bytes], tmp_path: Path
 ) -> None:
@@ -60,7 +54,7 @@ def test_two_api_processes_serve_as_one(
     (prom / "counter_999999.db").write_bytes(b"left by an earlier run")  # must not be summed in (or crash a scrape)
     add_run(home, "other")
     s = serve(home, synthetic_data, CONVLENS_API_PROCESSES="2", PROMETHEUS_MULTIPROC_DIR=str(prom))
-    wait_for(lambda: len(api_processes(s.proc.pid)) == 2, 60, "serve did not start two API processes")
+    wait_for(lambda: len(api_processes(s.proc.pid)) == 2, 60, "serve to start two API processes", 0.2)
     first = api_processes(s.proc.pid)
 
     # Each image alone, 48 requests on new connections from 8 threads: both processes answer, identically.
@@ -93,7 +87,7 @@ def test_two_api_processes_serve_as_one(
 
     # A process that dies is replaced, and the service keeps answering meanwhile.
     os.kill(first[0], signal.SIGKILL)
-    wait_for(lambda: len(set(api_processes(s.proc.pid)) - set(first)) == 1, 60, "the killed process was not replaced")
+    wait_for(lambda: len(set(api_processes(s.proc.pid)) - set(first)) == 1, 60, "the killed process's successor", 0.2)
     for i in range(6):
         assert predict(i)[1].status_code == 200
 

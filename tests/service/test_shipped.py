@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from convlens.main import main
 from models.checkpoints import load_checkpoint, sha256_file
 from models.config import TrainConfig
 from models.data import DATASETS, Augment, DeviceLoader, load_cifar
@@ -19,7 +20,6 @@ from models.runs import RunStore
 from models.shipped import export_model
 from models.trainer import evaluate
 from tests.service.conftest import make_client
-from worker.cli import main
 from worker.jobs import execute_run
 
 
@@ -48,6 +48,7 @@ def test_export_writes_half_precision_and_a_measured_card(exported: Path, synthe
     assert card["recipe"]["epochs"] == 1 and card["limits"] and card["hardware"]["cores"] >= 1
 
 
+@pytest.mark.slow
 def test_export_tests_an_upsampled_model_on_upsampled_images(synthetic_data: Path, tmp_path: Path) -> None:
     store = RunStore(tmp_path / "home")
     cfg = TrainConfig(epochs=1, batch_size=50, val_size=100, train_limit=200, milestones=[], resize=40)

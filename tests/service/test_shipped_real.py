@@ -33,6 +33,7 @@ def test_the_package_ships_one_model_with_a_matching_sha256_and_card() -> None:
     assert (SHIPPED_DIR / f"{SHIPPED_ID}.safetensors").stat().st_size < 30 * 2**20  # half precision
 
 
+@pytest.mark.slow
 def test_recorded_answers_on_real_test_images(expected: dict) -> None:
     model, meta = load_checkpoint(SHIPPED_DIR / SHIPPED_ID)
     assert expected["sha256"] == meta["sha256"], "fixtures recorded for another model: rerun the script"

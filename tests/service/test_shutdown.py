@@ -28,6 +28,7 @@ def in_flight(url: str) -> float:
     return float(line.split()[1])
 
 
+@pytest.mark.slow
 def test_sigterm_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_0(
     serve: Callable[..., Server], home: Path, synthetic_data: Path, test_pngs: list[bytes]
 ) -> None:
@@ -85,6 +86,7 @@ def test_sigterm_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_0(
     assert "Cancel " not in s.log()  # nothing was cut off by the graceful-shutdown timeout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["serve", "serve, 2 API processes", "bare uvicorn"])
 def test_an_open_event_stream_does_not_hold_the_shutdown(
     entry: str, serve: Callable[..., Server], home: Path, synthetic_data: Path, tmp_path: Path

@@ -7,6 +7,7 @@ when a stream ends, whether the client hangs up or the job ends; another client'
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -16,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from convlens.main import main
 from models.runs import RunStore
-from tests.helpers import Server, add_run
-from worker.cli import main
+from tests.helpers import Server, add_run, wait_for
 
 LIMIT = 3
 TIMEOUT = httpx.Timeout(10, read=30)
@@ -61,6 +62,7 @@ def open_until(client: httpx.Client, job: str, n: int, timeout: float = 10.0) ->
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_streams_per_client_are_bounded_and_released(server_factory: Callable[..., Server], home: Path) -> None:
     add_run(home, "waiting", status="queued")
     add_run(home, "later", status="queued")
@@ -108,6 +110,7 @@ def test_streams_per_client_are_bounded_and_released(server_factory: Callable[..
         other.close()
 
 
+@pytest.mark.slow
 def test_watch_waits_out_a_429_instead_of_exiting(
     server_factory: Callable[..., Server], home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -119,12 +122,19 @@ def test_watch_waits_out_a_429_instead_of_exiting(
     held = Stream.open(client, "watched")
     result: list[int] = []
     watcher = threading.Thread(target=lambda: result.append(main(["watch", "watched", "--url", server.url])))
+    out: list[str] = []
+
+    def met_429() -> str:
+        """The detail of the 429 that watch reports it is waiting out ("" before it met one)."""
+        out.append(capsys.readouterr().out)  # each read takes what was written since the last one
+        found = re.search(r"^429: (.*); retrying in [0-9.]+ s$", "".join(out), re.MULTILINE)
+        return found[1] if found else ""
+
     try:
         assert held.status == 200
         watcher.start()
-        deadline = time.monotonic() + 10
-        while "429" not in capsys.readouterr().out and time.monotonic() < deadline:
-            time.sleep(0.1)
+        refusal = wait_for(met_429, 10, lambda: f"watch to report a 429 and wait; its output: {''.join(out)!r}")
+        assert "CONVLENS_MAX_SSE_PER_CLIENT=1" in refusal, refusal  # the server's own detail, passed on
         time.sleep(0.5)
         assert watcher.is_alive() and not result, "watch gave up on a 429"
         held.close()

@@ -132,6 +132,8 @@ def test_reconstruct_equals_the_reverse_network(
         r = client.post("/reconstruct", params=q, **upload(test_pngs[5]))
         k = want.projections.shape[0]
         assert png_size(r.content) == render.projection_grid_size(k, 32, 32)
+        rows, cols = map(int, r.headers["x-convlens-grid"].split(","))  # the page maps a click to a tile with it
+        assert rows * cols >= k + 1 > (rows - 1) * cols and (rows, cols) == render.grid_shape(k + 1)
     body = client.post("/reconstruct", params={"channels": "top:2", "format": "json"}, **upload(test_pngs[5])).json()
     assert body["shape"] == [2, 3, 32, 32] and body["layer"] == "conv1" and len(body["argmax"]) == 2
 

@@ -7,49 +7,20 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from models.runs import RunStore
+from tests.helpers import REDIS_URL, ROOT, RedisServer, free_port, redis_up, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
-REDIS_URL = "redis://127.0.0.1:6379/14"  # a db of its own; each session also uses a queue name of its own
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll until `check()` is truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_up(url: str = REDIS_URL) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
+BROKERS = ("embedded", "redis")
 
 
 def job_config(**overrides: Any) -> dict[str, Any]:
@@ -79,7 +50,7 @@ class Worker:
     def start(self, timeout: float = 90.0, cli: bool = False) -> Worker:
         """`celery -A worker.celery_app worker ...`, or `convlens worker` (which adds the same options)."""
         if cli:
-            cmd = [sys.executable, "-m", "worker.cli", "worker", "-n", f"{self.name}@%h"]
+            cmd = [sys.executable, "-m", "convlens", "worker", "-n", f"{self.name}@%h"]
         else:
             cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo"]
             cmd += ["-Q", self.env["CONVLENS_QUEUE"], "-n", f"{self.name}@%h", "-l", "info"]
@@ -88,7 +59,7 @@ class Worker:
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self._ready(start), timeout, f"worker {self.name} ready:\n{self.log()[-3000:]}", 0.2)
+        wait_for(lambda: self._ready(start), timeout, lambda: f"worker {self.name} ready:\n{self.log()[-3000:]}", 0.2)
         return self
 
     def _ready(self, start: int) -> bool:
@@ -160,14 +131,15 @@ class Stack:
         return w.start(cli=cli)
 
     def sender(self) -> Any:
-        from worker.celery_app import sender_app
+        from jobqueue.app import sender_app
+        from worker.settings import WorkerSettings
 
-        return sender_app(self.broker_url, self.home, self.queue)
+        return sender_app(WorkerSettings(broker_url=self.broker_url, home=self.home, queue=self.queue))
 
     def submit(self, sender: Any, **cfg: Any) -> str:
         """What POST /train does: create the run (queued, with its queue), then send it by task name."""
+        from jobqueue.app import send_train
         from models.config import TrainConfig
-        from worker.celery_app import send_train
 
         store = self.store
         run_id = store.create_run(TrainConfig.model_validate(job_config(**cfg)).model_dump())
@@ -204,48 +176,36 @@ def queue_name() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
 
 
+@contextlib.contextmanager
+def open_stack(broker: str, home: Path, data: Path, queue: str) -> Iterator[Stack]:
+    """A stack on `broker` (one of BROKERS; "redis" is the shared Redis: skipped without it), closed afterwards."""
+    url = None
+    if broker == "redis":
+        if not redis_up():
+            pytest.skip("no Redis on 127.0.0.1:6379 (.ci/run starts one)")
+        url = REDIS_URL
+    stack = Stack(home, data, url, queue)
+    try:
+        yield stack
+    finally:
+        stack.close()
+        if url:
+            cleanup_redis(url, queue, home)
+
+
 @pytest.fixture
 def embedded_stack(tmp_path: Path, synthetic_data: Path, queue_name: str) -> Iterator[Stack]:
-    stack = Stack(tmp_path / "home", synthetic_data, None, queue_name)
-    yield stack
-    stack.close()
+    with open_stack("embedded", tmp_path / "home", synthetic_data, queue_name) as stack:
+        yield stack
 
 
-@pytest.fixture
-def redis_stack(tmp_path: Path, synthetic_data: Path, queue_name: str) -> Iterator[Stack]:
-    if not redis_up():
-        pytest.skip("no Redis on 127.0.0.1:6379 (.ci/run starts one)")
-    stack = Stack(tmp_path / "home", synthetic_data, REDIS_URL, queue_name)
-    yield stack
-    stack.close()
-    cleanup_redis(REDIS_URL, queue_name, stack.home)
-
-
-@dataclass
-class RedisServer:
-    """A private redis-server on a free port (no persistence), so a test can restart it; `password`: requirepass."""
-
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
-    password: str | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        cmd += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-        cmd += ["--requirepass", self.password] if self.password else []
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: redis_up(self.url), 10, f"redis-server on port {self.port}")
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
+@pytest.fixture(params=BROKERS)
+def broker_stack(
+    request: pytest.FixtureRequest, tmp_path: Path, synthetic_data: Path, queue_name: str
+) -> Iterator[Stack]:
+    """The same test on each broker: the embedded file queue, then Redis."""
+    with open_stack(request.param, tmp_path / "home", synthetic_data, queue_name) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from convlens.main import main
 from models.runs import RunStore
-from worker.cli import main
 
 
+@pytest.mark.slow
 def test_train_command_runs_into_the_store(
     tmp_path: Path, synthetic_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

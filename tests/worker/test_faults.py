@@ -1,7 +1,8 @@
 """Faults around a real worker: SIGKILL in the middle of a checkpoint write, and a run store that fills up.
 
-Jobs must end `failed` with a reason or resume; checkpoints are never corrupt; the API keeps answering.
-(SIGKILL between steps, Redis restarts and warm shutdown are in test_tasks.py.)
+Jobs must end `failed` with a reason or resume; checkpoints are never corrupt; the API keeps answering. Each test
+runs on both brokers (Redis and the embedded file queue). (SIGKILL between steps, Redis restarts and warm shutdown
+are in test_tasks.py.)
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import pytest
 
 from models.checkpoints import load_checkpoint
 from models.runs import RunStore
-from tests.helpers import start_server
-from tests.worker.conftest import REDIS_URL, Stack, cleanup_redis, redis_up, wait_for
+from tests.helpers import small_tmpfs, start_server, wait_for
+from tests.worker.conftest import BROKERS, Stack, open_stack
 
 
 def _all_checkpoints_load(store: RunStore, rid: str) -> list[str]:
@@ -33,8 +34,9 @@ def _dot_files(store: RunStore, rid: str) -> list[str]:
     return [p.name for p in store.checkpoints_dir(rid).iterdir() if p.name.startswith(".")]
 
 
-def test_sigkill_during_a_checkpoint_write_then_resume(redis_stack: Stack) -> None:
-    stack, store = redis_stack, redis_stack.store
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_then_resume(broker_stack: Stack) -> None:
+    stack, store = broker_stack, broker_stack.store
     w0 = stack.worker()
     rid = stack.submit(stack.sender(), epochs=3)
     ckdir = store.checkpoints_dir(rid)
@@ -56,29 +58,25 @@ def test_sigkill_during_a_checkpoint_write_then_resume(redis_stack: Stack) -> No
     assert _dot_files(store, rid) == []  # the resumed attempt tidied what the kill left
 
 
-@pytest.fixture
-def small_store(tmp_path: Path) -> Iterator[Path]:
-    """A run store on a 70 MB tmpfs: room for one 45 MB checkpoint, not for two."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    home = tmp_path / "home"
-    home.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=70m", "tmpfs", str(home)], capture_output=True)
-    if mount.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
-    yield home
-    subprocess.run(["umount", "-l", str(home)], check=False)
+@pytest.fixture(params=BROKERS)
+def small_stack(
+    request: pytest.FixtureRequest, tmp_path: Path, synthetic_data: Path, queue_name: str
+) -> Iterator[Stack]:
+    """A stack on each broker whose run store (and file queue) is a 70 MB tmpfs: room for one 45 MB checkpoint."""
+    with (
+        small_tmpfs(tmp_path / "home", "70m") as home,
+        open_stack(request.param, home, synthetic_data, queue_name) as s,
+    ):
+        yield s
 
 
-def test_a_full_run_store_fails_the_job_with_a_reason_and_nothing_else(
-    small_store: Path, tmp_path: Path, synthetic_data: Path, queue_name: str
-) -> None:
-    if not redis_up():
-        pytest.skip("no Redis on 127.0.0.1:6379 (.ci/run starts one)")
-    stack = Stack(small_store, synthetic_data, REDIS_URL, queue_name)
+@pytest.mark.slow
+def test_a_full_run_store_fails_the_job_with_a_reason_and_nothing_else(small_stack: Stack, tmp_path: Path) -> None:
+    stack, small_store = small_stack, small_stack.home
     logs = tmp_path / "logs"  # logs off the small disk
-    env = {"CONVLENS_BROKER_URL": REDIS_URL, "CONVLENS_QUEUE": queue_name, "CONVLENS_SHIPPED_MODELS": "false"}
-    server = start_server(small_store, synthetic_data, env=env, log_dir=logs)
+    env = {"CONVLENS_QUEUE": stack.queue, "CONVLENS_SHIPPED_MODELS": "false"}
+    env |= {"CONVLENS_BROKER_URL": stack.broker_url} if stack.broker_url else {}
+    server = start_server(small_store, stack.data, env=env, log_dir=logs)
     try:
         w = stack.worker()
         store = stack.store
@@ -113,5 +111,3 @@ def test_a_full_run_store_fails_the_job_with_a_reason_and_nothing_else(
         wait_for(lambda: store.read_run(again.json()["id"])["status"] == "succeeded", 180, "a job with space")
     finally:
         server.stop()
-        stack.close()
-        cleanup_redis(REDIS_URL, queue_name, small_store)

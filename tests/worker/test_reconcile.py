@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from jobqueue.app import send_train, sender_app
 from models.runs import RunStore
 from tests.worker.conftest import REDIS_URL, cleanup_redis, redis_up
-from worker.celery_app import send_train, sender_app
 from worker.reconcile import LEASE, Lease, lease_state, owner_info, reconcile
 from worker.settings import WorkerSettings
 
@@ -137,7 +137,7 @@ def test_waiting_ids_on_redis(tmp_path: Path) -> None:
     from worker.reconcile import waiting_run_ids
 
     queue = f"t-{os.urandom(5).hex()}"
-    app = sender_app(REDIS_URL, tmp_path, queue)
+    app = sender_app(WorkerSettings(broker_url=REDIS_URL, home=tmp_path, queue=queue))
     try:
         send_train(app, "r1")
         send_train(app, "r2")

@@ -44,6 +44,7 @@ def run_one_job(stack: Stack, cli: bool) -> tuple[str, str]:
     return run_id, worker.log()
 
 
+@pytest.mark.slow
 def test_convlens_worker_logs_json_lines_with_the_job_id(embedded_stack: Stack) -> None:
     embedded_stack.extra_env["CONVLENS_API_KEY"] = f"other-key,{KEY}"
     run_id, text = run_one_job(embedded_stack, cli=True)  # `convlens worker`, the embedded queue
@@ -63,6 +64,7 @@ def test_convlens_worker_logs_json_lines_with_the_job_id(embedded_stack: Stack) 
     assert KEY not in text and "other-key" not in text
 
 
+@pytest.mark.slow
 def test_celery_worker_scrubs_the_broker_password(tmp_path: Path, synthetic_data: Path, queue_name: str) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")

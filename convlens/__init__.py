@@ -1,0 +1,1 @@
+"""The `convlens` command line: serve, worker, train, submit, watch, export, data."""
