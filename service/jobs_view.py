@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.runs import RunStatus, RunStore
 
 Status = RunStatus
-Kind = Literal["step", "epoch", "final"]
+Kind = Literal["step", "epoch", "final", "layers"]
 # The config's columns of the seed's Table 2 (batch, milestones, gamma, preprocessing), and what else varies.
 TABLE_FIELDS = (
     "arch",
