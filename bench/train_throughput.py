@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py [--data var/data] [--batches 100] [--arch resnet18]
     .venv/bin/python bench/train_throughput.py --timelapse [--train-limit 45000] [--rounds 2]
+    .venv/bin/python bench/train_throughput.py --precision [--batches 6] [--batch-size 128]
 
 Prints seconds per epoch (45,000 training images) for: the bare train step on pre-made batches (the ceiling),
 the device-resident loader (the trainer's default), and the torchvision DataLoader path (0 and 2 workers),
@@ -11,6 +12,10 @@ since the machine is shared and noisy.
 `--timelapse` instead runs the real trainer (`models.trainer.train`, TensorBoard on) with conv1 snapshots and
 per-layer statistics off and on, alternating in rounds, and prints each one's best epoch (train, evaluation,
 checkpoint: everything an epoch costs) and the on/off ratio.
+
+`--precision` times one SGD training step of both stems (random data, the given batch size) in float32 and under
+bf16 autocast, each NCHW and channels_last, in one process, and prints images/s and each one's ratio to float32
+NCHW (what `precision=bf16` buys on this CPU; `models.device.cpu_bf16_flags` says whether it has bf16 units).
 """
 
 from __future__ import annotations
@@ -116,6 +121,35 @@ def timelapse_ab(ns: argparse.Namespace) -> None:
     )
 
 
+def precision_table(ns: argparse.Namespace) -> None:
+    """Images/s of a training step per stem, float32 vs bf16 autocast, NCHW vs channels_last (medians)."""
+    from models.device import cpu_bf16_flags
+
+    print(f"CPU bf16 flags: {','.join(cpu_bf16_flags()) or 'none'}; threads {torch.get_num_threads()}")
+    for arch in ("resnet18", "resnet18-cifar"):
+        base = None
+        for bf16, cl in ((False, False), (False, True), (True, False), (True, True)):
+            model, _ = step_fn(arch)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            model = model.to(memory_format=fmt)
+            x = torch.randn(ns.batch_size, 3, 32, 32).contiguous(memory_format=fmt)
+            y = torch.randint(0, 10, (ns.batch_size,))
+            times = []
+            for _ in range(ns.batches + 1):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = nn.functional.cross_entropy(model(x).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+            ips = ns.batch_size / sorted(times[1:])[len(times[1:]) // 2]
+            base = base or ips
+            name = f"{'bf16' if bf16 else 'fp32'}{' channels_last' if cl else ''}"
+            print(f"{arch:15s} {name:19s} {ips:7.1f} images/s  {ips / base:5.2f}x fp32")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="var/data")
@@ -127,7 +161,11 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=EPOCH_IMAGES, help="--timelapse: training images an epoch")
     ap.add_argument("--epochs", type=int, default=1, help="--timelapse: epochs a run")
     ap.add_argument("--val-size", type=int, default=5000, help="--timelapse: validation images (evaluated each epoch)")
+    ap.add_argument("--precision", action="store_true", help="fp32 vs bf16 training steps, both stems")
     ns = ap.parse_args()
+    if ns.precision:
+        precision_table(ns)
+        return
     if ns.timelapse:
         timelapse_ab(ns)
         return
