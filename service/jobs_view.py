@@ -98,7 +98,8 @@ _CACHE_MAX = 4096
 
 
 def epoch_summary(path: Path) -> dict[str, Any]:
-    """Best evaluation accuracy over a run's epoch records, cached until metrics.jsonl changes."""
+    """Best evaluation accuracy (and epoch) over a run's epoch records, and the last epoch's train accuracy;
+    cached until metrics.jsonl changes."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -119,7 +120,8 @@ def epoch_summary(path: Path) -> dict[str, Any]:
                 continue
             acc = rec.get("val_acc", rec.get("test_acc"))
             if isinstance(acc, int | float) and acc > best.get("best_val_acc", -1.0):
-                best = {"best_val_acc": float(acc), "best_epoch": rec.get("epoch")}
+                best |= {"best_val_acc": float(acc), "best_epoch": rec.get("epoch")}
+            best["last_train_acc"] = rec.get("train_acc")  # the last epoch's (a sweep's table shows it)
     with _cache_lock:
         if len(_cache) >= _CACHE_MAX:
             _cache.clear()

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -17,7 +14,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from models.runs import RunNotFound, RunStore  # noqa: E402
-from service.jobs_view import job_row  # noqa: E402
+from service.jobs_view import epoch_summary, job_row  # noqa: E402
 
 
 class SweepCreated(BaseModel):
@@ -92,38 +89,6 @@ class SweepCancel(BaseModel):
     finished: list[str]
 
 
-_last_epoch_cache: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
-_cache_lock = threading.Lock()
-_CACHE_MAX = 4096
-
-
-def last_epoch(path: Path) -> dict[str, Any]:
-    """A run's last epoch record (its final train accuracy), cached until metrics.jsonl changes."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return {}
-    key = (st.st_ino, st.st_mtime_ns, st.st_size)
-    with _cache_lock:
-        hit = _last_epoch_cache.get(path)
-    if hit and hit[0] == key:
-        return hit[1]
-    last = b""
-    with path.open("rb") as f:
-        for line in f:
-            if b'"kind": "epoch"' in line:  # parse only the one line kept
-                last = line
-    try:
-        rec: dict[str, Any] = json.loads(last) if last else {}
-    except ValueError:
-        rec = {}
-    with _cache_lock:
-        if len(_last_epoch_cache) >= _CACHE_MAX:
-            _last_epoch_cache.clear()
-        _last_epoch_cache[path] = (key, rec)
-    return rec
-
-
 def sweep_row(store: RunStore, index: int, entry: dict[str, Any]) -> SweepRow:
     """A sweep's row from its run's run.json and metrics (status `missing` if the run folder is gone)."""
     rid = entry["id"]
@@ -150,7 +115,7 @@ def sweep_row(store: RunStore, index: int, entry: dict[str, Any]) -> SweepRow:
         best_epoch=row.best_epoch,
         test_acc=row.test_acc,
         final_test_acc=row.final_test_acc,
-        train_acc=last_epoch(store.run_dir(rid) / "metrics.jsonl").get("train_acc"),
+        train_acc=epoch_summary(store.run_dir(rid) / "metrics.jsonl").get("last_train_acc"),
         wall_s=None if wall is None else round(wall, 2),
         worker=(run.get("worker") or {}).get("node"),
         error=row.error,
