@@ -16,18 +16,7 @@ from models.errors import DiskFull
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        _raise_if_disk_full(e, path)
-        raise
+    _atomic_via_temp(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _raise_if_disk_full(e: BaseException, path: Path) -> None:

@@ -24,14 +24,19 @@ class RunNotFound(ConvLensError, LookupError):
     """No run with that id in the store."""
 
 
-def validate_run_id(run_id: str) -> str:
-    """Ids become folder names: letters, digits, '-' and '_' only, at most 64, never a path."""
-    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
+def validate_id(value: str, pattern: re.Pattern[str], what: str, longest: int) -> str:
+    """Ids become file or folder names: letters, digits, '-' and '_' only, bounded, never a path."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise InvalidArgument(
-            f"invalid run id {str(run_id)[:80]!r}: use 1-64 letters, digits, '-' or '_' "
+            f"invalid {what} id {str(value)[:80]!r}: use 1-{longest} letters, digits, '-' or '_' "
             "(starting with a letter or digit)"
         )
-    return run_id
+    return value
+
+
+def validate_run_id(run_id: str) -> str:
+    """A run id: 1-64 characters (it names the run's folder)."""
+    return validate_id(run_id, RUN_ID_RE, "run", 64)
 
 
 def new_run_id() -> str:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.atomic import atomic_write_json
 from models.config import TrainConfig
 from models.errors import InvalidArgument
-from models.runs import RunNotFound, new_run_id
+from models.runs import RunNotFound, new_run_id, validate_id
 
 MAX_ROWS = 64
 MAX_REPORTED_ERRORS = 20  # a 64-row sweep with one bad base value would otherwise list 64 copies
@@ -191,13 +191,8 @@ def row_run_id(sweep_id: str, index: int) -> str:
 
 
 def validate_sweep_id(sweep_id: str) -> str:
-    """Sweep ids become file names: letters, digits, '-' and '_', at most 60, never a path."""
-    if not isinstance(sweep_id, str) or not SWEEP_ID_RE.fullmatch(sweep_id):
-        raise InvalidArgument(
-            f"invalid sweep id {str(sweep_id)[:80]!r}: use 1-60 letters, digits, '-' or '_' "
-            "(starting with a letter or digit)"
-        )
-    return sweep_id
+    """A sweep id: 1-60 characters, so `<id>-NN` is still a run id."""
+    return validate_id(sweep_id, SWEEP_ID_RE, "sweep", 60)
 
 
 def new_sweep_id() -> str:
