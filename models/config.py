@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 class TrainConfig(BaseModel):
     """A training job. Defaults reproduce the seed report (Adam 1e-3, batch 100, 20 epochs, [10,15,18] x0.4)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: "true" is not a bool and 1.5 not an int, as the published schema says (no silent coercion).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     arch: Literal["resnet18", "resnet18-cifar"] = "resnet18"
     dataset: Literal["cifar10", "cifar100"] = "cifar10"
@@ -22,7 +27,9 @@ class TrainConfig(BaseModel):
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0, le=1)
     schedule: Literal["multistep", "onecycle", "cosine", "constant"] = "multistep"
-    milestones: list[int] = Field([10, 15, 18], max_length=64, description="epochs at which lr *= gamma")
+    milestones: list[Annotated[int, Field(ge=1, le=1000)]] = Field(
+        [10, 15, 18], max_length=64, description="epochs at which lr *= gamma (any order: kept sorted)"
+    )
     gamma: float = Field(0.4, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, le=0.5)
     crop: bool = Field(True, description="random 32x32 crop after 4-pixel zero padding")
@@ -41,13 +48,24 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, ge=1, le=100_000, description="steps between metrics.jsonl records")
     keep_last: int = Field(2, ge=1, le=1000, description="epoch checkpoints to keep besides best")
 
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if any(m < 1 or m > 1000 for m in self.milestones):
-            raise ValueError("milestones must be epochs between 1 and 1000")
-        if self.milestones != sorted(self.milestones):
-            raise ValueError("milestones must be increasing")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _json_integers(cls, data: Any) -> Any:
+        # JSON Schema's "integer" includes 20.0 (a number with no fraction), which the strict model would refuse;
+        # strings and booleans stay refused ("20" and true are not integers there either).
+        if not isinstance(data, dict):
+            return data
+        ints = {k for k, f in cls.model_fields.items() if f.annotation is int or int in get_args(f.annotation)}
+        out = {k: _integral(v) if k in ints else v for k, v in data.items()}
+        if isinstance(out.get("milestones"), list):
+            out["milestones"] = [_integral(m) for m in out["milestones"]]
+        return out
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        # A schedule's milestones are a set of epochs (torch's MultiStepLR counts them): order carries nothing.
+        return sorted(v)
 
 
 # The CPU recipe (seed stem): SGD nesterov, one-cycle, label smoothing, flip TTA.

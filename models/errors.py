@@ -35,3 +35,7 @@ class InvalidArgument(ConvLensError, ValueError):
 
 class DiskFull(ConvLensError, OSError):
     """A write failed for want of space (ENOSPC); nothing half-written was left behind."""
+
+
+class NoSuchChannel(InvalidArgument, LookupError):
+    """A channel (or class) index past what the model at hand has: the index is well formed, the unit is absent."""

@@ -8,11 +8,23 @@ from torch import nn
 from models.errors import UnknownArchitecture, UnknownLayer
 
 ARCHS = ("resnet18", "resnet18-cifar")
+STEMS = {"resnet18": "imagenet", "resnet18-cifar": "cifar"}  # each architecture's stem (ResNet18's `stem`)
 
 # Named layers every visual endpoint accepts; `conv1` is the stem's conv+BN+ReLU output.
 LAYER_NAMES = ("conv1", "layer1", "layer2", "layer3", "layer4")
 # The seed report's names (after the ResNet paper's table) for the four stages.
 LAYER_ALIASES = {"conv2_x": "layer1", "conv3_x": "layer2", "conv4_x": "layer3", "conv5_x": "layer4"}
+LAYER_CHOICES = LAYER_NAMES + tuple(LAYER_ALIASES)  # what a `layer=` parameter may name (the API's enum)
+# Every conv by its dotted module name, the same for both stems (tests/models check it against the modules):
+# what the API's conv-layer enum lists beside the named layers.
+CONV_NAMES = ("conv1",) + tuple(
+    f"layer{s}.{b}.{c}"
+    for s in range(1, 5)
+    for b in range(2)
+    for c in ("conv1", "conv2", *(("downsample.0",) if s > 1 and b == 0 else ()))
+)
+CONV_CHOICES = CONV_NAMES + LAYER_CHOICES[1:]
+WIDEST = 512  # channels of the widest layer (layer4): the bound of every channel index the API takes
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -95,10 +107,8 @@ class ResNet18(nn.Module):
 
 def build_model(arch: str, num_classes: int = 10) -> ResNet18:
     """Build an architecture by name (`resnet18` or `resnet18-cifar`)."""
-    if arch == "resnet18":
-        return ResNet18(num_classes, stem="imagenet")
-    if arch == "resnet18-cifar":
-        return ResNet18(num_classes, stem="cifar")
+    if arch in STEMS:
+        return ResNet18(num_classes, stem=STEMS[arch])
     raise UnknownArchitecture(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
 
 
@@ -131,3 +141,27 @@ def conv_layer(model: nn.Module, name: str) -> nn.Conv2d:
         canon = canonical_layer(name)
         return convs["conv1" if canon == "conv1" else f"{canon}.0.conv1"]
     raise UnknownLayer(f"unknown conv layer {name!r}; valid: {', '.join(convs)} (or {', '.join(LAYER_NAMES)})")
+
+
+def _half(side: int) -> int:
+    return (side + 1) // 2  # a stride-2 conv or pool with "same" padding rounds up
+
+
+def layer_sizes(stem: str, input_size: int) -> dict[str, int]:
+    """Each named layer's map side for a square input (the seed stem halves it twice, layer2..layer4 once each)."""
+    side = input_size if stem == "cifar" else _half(input_size)
+    sizes = {"conv1": side}
+    side = side if stem == "cifar" else _half(side)  # the seed stem's max-pool
+    for i, name in enumerate(LAYER_NAMES[1:]):
+        side = side if i == 0 else _half(side)
+        sizes[name] = side
+    return sizes
+
+
+MIN_CAM_SIDE = 4  # a coarser map paints a class-activation heatmap as a few blocks (2x2 is one quadrant each)
+
+
+def cam_layer(stem: str, input_size: int) -> str:
+    """The default layer for Grad-CAM, occlusion and the page: the deepest named layer whose map is >= 4x4."""
+    sizes = layer_sizes(stem, input_size)
+    return next(n for n in reversed(LAYER_NAMES) if sizes[n] >= MIN_CAM_SIDE or n == "conv1")

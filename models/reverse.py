@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import InvalidArgument
+from models.errors import InvalidArgument, NoSuchChannel
 from models.resnet import BasicBlock, ResNet18, canonical_layer
 from models.reverse_speed import FOLD_MIN_BATCH as FOLD_MIN_BATCH  # re-exported: its home was here
 from models.reverse_speed import (
@@ -427,8 +427,9 @@ def select_channels(channels: Channels, strength: torch.Tensor, what: str = "cha
     if isinstance(channels, bool):
         raise InvalidArgument(f"{what}s must be 'all', a list of indices or a count")
     if isinstance(channels, int):
-        if not 1 <= channels <= n:
-            raise InvalidArgument(f"top-N {what}s: N must be in 1..{n}; got {channels}")
+        if channels < 1:
+            raise InvalidArgument(f"top-N {what}s: N must be at least 1; got {channels}")
+        channels = min(channels, n)  # like a LIMIT: asking for more than there are gives them all
         # Stable sort: ties keep the lower index first, so the answer is deterministic.
         order = torch.sort(strength.detach().cpu(), descending=True, stable=True).indices
         return [int(i) for i in order[:channels]]
@@ -437,7 +438,7 @@ def select_channels(channels: Channels, strength: torch.Tensor, what: str = "cha
         raise InvalidArgument(f"the {what} list is empty; valid {what}s are 0..{n - 1}")
     bad = [c for c in chosen if not 0 <= c < n]
     if bad:
-        raise InvalidArgument(f"{what} {bad[0]} is out of range; valid {what}s are 0..{n - 1}")
+        raise NoSuchChannel(f"{what} {bad[0]} is out of range; valid {what}s are 0..{n - 1}")
     return chosen
 
 

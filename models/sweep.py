@@ -69,10 +69,37 @@ SWEEP_PRESETS: dict[str, SweepPreset] = {
 Values = Annotated[list[Any], Field(min_length=1, max_length=MAX_ROWS)]
 
 
+def _spec_schema(schema: dict[str, Any]) -> None:
+    """State in the published schema what plan() checks field by field: TrainConfig's fields, types and bounds in
+    base, grid and rows, the preset names, and that a sweep names something to sweep (not preset and rows both).
+    What no JSON Schema can say (rows x grid <= MAX_ROWS, a field set by both rows and grid) stays a 422."""
+    fields = TrainConfig.model_json_schema()["properties"]
+    partial = {"type": "object", "properties": fields, "additionalProperties": False}
+    props = schema["properties"]
+    props["base"] = {**props["base"], **partial}
+    props["grid"] = {
+        **props["grid"],
+        "properties": {
+            k: {"type": "array", "items": v, "minItems": 1, "maxItems": MAX_ROWS} for k, v in fields.items()
+        },
+        "additionalProperties": False,
+    }
+    rows = {"type": "array", "items": partial, "minItems": 1, "maxItems": MAX_ROWS}
+    props["rows"] = {**props["rows"], "anyOf": [rows, {"type": "null"}]}
+    props["preset"] = {**props["preset"], "anyOf": [{"enum": list(SWEEP_PRESETS)}, {"type": "null"}]}
+    named = {"type": "string"}
+    schema["anyOf"] = [
+        {"required": ["grid"], "properties": {"grid": {"minProperties": 1}}},
+        {"required": ["rows"], "properties": {"rows": {"type": "array"}}},
+        {"required": ["preset"], "properties": {"preset": named}},
+    ]
+    schema["not"] = {"required": ["preset", "rows"], "properties": {"preset": named, "rows": {"type": "array"}}}
+
+
 class SweepSpec(BaseModel):
     """What POST /sweeps takes: a base config and a grid (cartesian product), explicit rows or a preset, or both."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_spec_schema)
 
     base: dict[str, Any] = Field(default_factory=dict, max_length=64, description="fields every row shares")
     grid: dict[str, Values] = Field(
@@ -133,6 +160,11 @@ def _check_shape(base: dict[str, Any], grid: dict[str, list[Any]], rows: list[di
     if n > MAX_ROWS:
         sizes = " x ".join([*([str(len(rows))] if len(rows) > 1 else []), *(f"{len(v)} {k}" for k, v in grid.items())])
         errors.append(_error(["grid"], f"{n} rows ({sizes}) is more than the {MAX_ROWS} a sweep may have"))
+    try:
+        # The base on its own too: a value every row overrides is still a value the request gave.
+        TrainConfig.model_validate({k: v for k, v in base.items() if k in FIELDS})
+    except ValidationError as e:
+        errors += [_error(["base", ".".join(map(str, err["loc"]))], err["msg"]) for err in e.errors()]
     if errors:
         raise SweepInvalid(errors[:MAX_REPORTED_ERRORS])
 
@@ -144,7 +176,7 @@ def _validate_row(i: int, base: dict[str, Any], values: dict[str, Any]) -> Train
     except ValidationError as e:
         out = []
         for err in e.errors():
-            # A check across fields (milestones' order) has no loc: name the row's field its message names.
+            # A check across fields has no loc: name the row's field its message names.
             named = next((k for k in [*values, *base] if k in err["msg"]), "config")
             field = ".".join(str(p) for p in err["loc"]) or named
             # The row's values as text, cut short: a 422 echoes little, and text always serialises (NaN too).

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.settings import Settings
@@ -98,3 +98,24 @@ def warn_if_open(settings: Settings) -> None:
         settings.port,
         " (and it listens beyond this machine)" if exposed else "",
     )
+
+
+def openapi_security_only_with_keys(app: FastAPI, settings: Settings) -> None:
+    """Without configured keys nothing asks for one, so the published schema declares no security schemes either
+    (a client or fuzzer reading it would otherwise send keys a keyless server ignores); with keys, /docs shows
+    Authorize and every guarded operation names both schemes."""
+    if settings.api_key:
+        return
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                if isinstance(op, dict):
+                    op.pop("security", None)
+                    op.get("responses", {}).pop("401", None)
+        schema.get("components", {}).pop("securitySchemes", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

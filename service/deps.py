@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Path, Query, Request
 
 from models.runs import RunStore
 from service.batching import Batcher
+from service.grammar import MODEL_ID_PATTERN
 from service.metrics import Metrics
 from service.registry import ModelRegistry, validate_model_id
 from service.settings import Settings
@@ -44,6 +45,7 @@ async def model_param(
             description="model id (GET /models); default: the registry's default model",
             examples=["seed-reproduction"],
             max_length=64,
+            json_schema_extra={"pattern": MODEL_ID_PATTERN},  # checked by validate_model_id, with its message
         ),
     ] = None,
 ) -> str | None:
@@ -51,6 +53,14 @@ async def model_param(
     return None if model is None else validate_model_id(model)
 
 
+ModelIdPath = Annotated[
+    str,
+    Path(
+        max_length=64,
+        description="a model id (GET /models): 1-64 letters, digits, '-' or '_', starting with a letter or digit",
+        json_schema_extra={"pattern": MODEL_ID_PATTERN},
+    ),
+]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[RunStore, Depends(get_store)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]

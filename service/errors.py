@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from models.errors import (
     BadImage,
@@ -14,6 +17,7 @@ from models.errors import (
     DatasetMissing,
     DiskFull,
     InvalidArgument,
+    NoSuchChannel,
     UnknownArchitecture,
     UnknownDataset,
     UnknownLayer,
@@ -47,6 +51,7 @@ class Overloaded(ConvLensError):
 STATUS: list[tuple[type[ConvLensError], int]] = [
     (RunNotFound, 404),
     (ModelNotFound, 404),
+    (NoSuchChannel, 404),  # a well-formed index the model at hand does not have (the schema cannot know widths)
     (PayloadTooLarge, 413),
     (UnsupportedMediaType, 415),
     (BadImage, 422),
@@ -80,6 +85,25 @@ async def _convlens_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
 
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (asked of the router the way it routes a request)."""
+    routes = request.app.router.routes
+    return [m for m in METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        # Starlette's answer lists only the first route that matched the path, not every route on it.
+        allow = ", ".join(allowed_methods(request))
+        return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": allow})
+    return await http_exception_handler(request, exc)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on an app."""
     app.add_exception_handler(ConvLensError, _convlens_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

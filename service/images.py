@@ -268,15 +268,24 @@ def image_request_body(field: str, many: bool, json_schema: dict[str, Any]) -> d
         {
             "type": "array",
             "items": binary,
+            "minItems": 1,
             "description": "one or more image files (PNG, JPEG, GIF, BMP, TIFF, WebP, PPM)",
         }
         if many
         else {**binary, "description": "one image file"}
     )
     multipart = {"type": "object", "required": [field], "properties": {field: prop}}
+    form = {"schema": multipart, "encoding": {field: {"contentType": IMAGE_CONTENT_TYPES}}}
     return {
         "requestBody": {
             "required": True,
-            "content": {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": json_schema}},
+            "content": {"multipart/form-data": form, "application/json": {"schema": json_schema}},
         }
     }
+
+
+# What a file part may be, as the schema states it (the decoder reads more: BMP, TIFF, PPM).
+IMAGE_CONTENT_TYPES = "image/png, image/jpeg, image/gif, image/webp"
+# The JSON form's image strings: base64 of an image file. A named format, so that a schema fuzzer can be taught to
+# make real images (tests/service/fuzz_hooks.py) where it would otherwise send any base64 text.
+BASE64_IMAGE = {"type": "string", "format": "base64-image", "minLength": 1}

@@ -106,6 +106,7 @@ async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
 
 
 SHUTTING_DOWN = ": shutting down; reconnect with Last-Event-ID\n\n"
+TIME_IS_UP = ": the stream's once/timeout is reached; reconnect with Last-Event-ID for more\n\n"
 
 
 async def job_events(
@@ -116,8 +117,10 @@ async def job_events(
     poll_s: float,
     disconnected: Callable[[], Awaitable[bool]],
     stop: asyncio.Event | None = None,
+    until: float | None = None,
 ) -> AsyncIterator[str]:
-    """The event stream of one job, from `after` (exclusive) to its terminal status, or until `stop` is set."""
+    """The event stream of one job, from `after` (exclusive) to its terminal status, or until `stop` is set, or
+    (`until`, a time.monotonic() deadline) until the first pass that ends past it."""
     yield "retry: 2000\n\n"
     tail = MetricsTail(store.run_dir(run_id) / "metrics.jsonl")
     last, shown, sent_at = after or START, None, time.monotonic()
@@ -157,10 +160,13 @@ async def job_events(
             keys = ("metrics", "best_epoch", "best_checkpoint")
             yield format_event("end", {**_status(run), **{k: run.get(k) for k in keys}})
             return
+        if until is not None and time.monotonic() >= until:
+            yield TIME_IS_UP
+            return
         if time.monotonic() - sent_at >= ping_s:
             yield ": ping\n\n"
             sent_at = time.monotonic()
-        await _pause(poll_s, stop)
+        await _pause(poll_s if until is None else max(0.0, min(poll_s, until - time.monotonic())), stop)
 
 
 class StreamLimiter:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,7 +59,9 @@ class PredictJSON(BaseModel):
         json_schema_extra={"examples": [{"images": ["iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2j..."]}]},
     )
 
-    images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
+    images: list[Annotated[str, Field(min_length=1, json_schema_extra={"format": "base64-image"})]] = Field(
+        min_length=1, description="base64-encoded image files (PNG, JPEG, ...)"
+    )
 
 
 class ModelSummary(BaseModel):
@@ -82,6 +84,11 @@ class ModelDetail(ModelSummary):
 
     classes: list[str] = Field(examples=[["airplane", "automobile", "bird", "cat"]])
     input_size: int = Field(description="side of the square input the network sees", examples=[32])
+    cam_layer: str = Field(
+        description="the default layer of Grad-CAM, occlusion and the page: the deepest named layer whose map is "
+        "at least 4x4 at input_size",
+        examples=["layer4"],
+    )
     mean: list[float] = Field(description="per-channel normalisation mean")
     std: list[float] = Field(description="per-channel normalisation std")
     metrics: dict[str, Any] = Field(default_factory=dict, description="the checkpoint's recorded metrics")

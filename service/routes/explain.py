@@ -14,9 +14,10 @@ from starlette.concurrency import run_in_threadpool
 
 from models import explain_render, render
 from models.errors import InvalidArgument
-from models.explain import ALIASES, LAYER_METHODS, METHODS, PARAMS, Explanation, explain
-from models.resnet import ResNet18, canonical_layer
+from models.explain import ALIASES, LAYER_METHODS, METHODS, PARAMS, Explanation, explain, resolve_params
+from models.resnet import LAYER_CHOICES, ResNet18, cam_layer, canonical_layer
 from service.deps import BatcherDep, ModelParam, RegistryDep, SettingsDep
+from service.grammar import METHODS_PATTERN, TARGET_PATTERN, explain_params_schema, parse_methods, parse_target
 from service.routes.visual import ERRORS, IMAGE_BODY, _one_image, _shown
 
 router = APIRouter(tags=["explain"])
@@ -28,37 +29,6 @@ PARAM_DOC = "; ".join(
 )
 
 
-def default_cam_layer(net: ResNet18, input_size: int) -> str:
-    """layer4, unless its map is 1x1 (the seed stem, total stride 32, at 32x32): then layer3."""
-    stride = 32 if isinstance(net.maxpool, torch.nn.MaxPool2d) else 8
-    return "layer4" if input_size // stride > 1 else "layer3"
-
-
-def parse_methods(spec: str) -> list[str]:
-    names = [m.strip().lower() for m in spec.split(",") if m.strip()]
-    if not names:
-        raise InvalidArgument(f"method: name one or more of {', '.join(METHODS)} (comma-separated)")
-    if names == ["all"]:
-        return list(METHODS)
-    return names
-
-
-def parse_target(spec: str | None, classes: list[str]) -> int | None:
-    """A class name or index, or None (the predicted class)."""
-    if spec is None or spec.strip() == "" or spec == "predicted":
-        return None
-    s = spec.strip()
-    if s.isdigit():
-        t = int(s)
-        if t >= len(classes):
-            raise InvalidArgument(f"target {t} is out of range; classes are 0..{len(classes) - 1}")
-        return t
-    lowered = [c.lower() for c in classes]
-    if s.lower() in lowered:
-        return lowered.index(s.lower())
-    raise InvalidArgument(f"target {s[:40]!r} is not a class of this model; classes: {', '.join(classes)}")
-
-
 def _value(text: str) -> int | float | str:
     for cast in (int, float):
         try:
@@ -68,7 +38,7 @@ def _value(text: str) -> int | float | str:
     return text
 
 
-def method_params(request: Request, methods: list[str]) -> dict[str, dict[str, Any]]:
+def method_params(request: Request, methods: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """`occlusion.patch=8`-style query entries, and/or a `params` JSON object {method: {param: value}}."""
     out: dict[str, dict[str, Any]] = {}
     raw = request.query_params.get("params")
@@ -79,6 +49,8 @@ def method_params(request: Request, methods: list[str]) -> dict[str, dict[str, A
             raise InvalidArgument(f'params is not valid JSON ({e}); e.g. {{"occlusion": {{"patch": 8}}}}') from e
         if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
             raise InvalidArgument('params must be a JSON object {"method": {"param": value}}')
+        if unknown := [m for m in doc if m not in METHODS]:
+            raise InvalidArgument(f"params: {str(unknown[0])[:40]!r} is not a method; methods: {', '.join(METHODS)}")
         for m, d in doc.items():
             out.setdefault(str(m), {}).update(d)
     dotted = [(k, v) for k, v in request.query_params.multi_items() if "." in k]
@@ -88,14 +60,14 @@ def method_params(request: Request, methods: list[str]) -> dict[str, dict[str, A
         m, _, p = key.partition(".")
         out.setdefault(ALIASES.get(m, m), {})[p] = _value(value)
     asked = {ALIASES.get(m, m) for m in methods}
-    for m in out:
-        if ALIASES.get(m, m) not in asked:
-            known = m in METHODS or m in ALIASES
-            raise InvalidArgument(
-                f"parameters given for {m!r}, which is "
-                + ("not among the methods asked" if known else f"not a method; methods: {', '.join(METHODS)}")
-            )
-    return out
+    for m, given in out.items():
+        if ALIASES.get(m, m) not in METHODS:
+            raise InvalidArgument(f"parameters given for {m!r}, which is not a method; methods: {', '.join(METHODS)}")
+        resolve_params(m, given)  # checked even when unused: a bad value is an error either way
+    used = {m: p for m, p in out.items() if ALIASES.get(m, m) in asked}
+    # Parameters for a method not asked are set aside, not refused (a page or script may keep one params object
+    # for every method); the answer's X-ConvLens-Unused-Params header names them.
+    return used, sorted(m for m in out if m not in used)
 
 
 def _explanation_json(e: Explanation, classes: list[str]) -> dict[str, Any]:
@@ -126,31 +98,43 @@ MethodQuery = Annotated[
         + ", ".join(f"{a}={m}" for a, m in ALIASES.items())
         + f"). Layer-dependent: {', '.join(LAYER_METHODS)}",
         examples=["gradcam", "gradcam,saliency,occlusion", "all"],
+        json_schema_extra={"pattern": METHODS_PATTERN},
     ),
 ]
 TargetQuery = Annotated[
-    str | None, Query(max_length=64, description="class name or index to explain; default: the predicted class")
+    str | None,
+    Query(
+        max_length=64,
+        description="class name or index to explain, or `predicted` (the default); a class the model lacks: 404",
+        json_schema_extra={"pattern": TARGET_PATTERN},
+    ),
 ]
 LayerQuery = Annotated[
     str | None,
     Query(
         max_length=64,
-        description="layer for the CAM methods and occlusion; default: the deepest named layer whose map is "
-        "larger than 1x1 (layer4, or layer3 for the seed stem at 32x32, whose layer4 is 1x1)",
+        description="layer for the CAM methods and occlusion; default: the model's `cam_layer` (GET /models/{id}), "
+        "the deepest named layer whose map is at least 4x4 at the model's input size",
         examples=["layer3", "conv5_x"],
+        json_schema_extra={"enum": list(LAYER_CHOICES)},
     ),
 ]
-ParamsQuery = Annotated[
-    str | None,
-    Query(
-        max_length=4096,
-        description="method parameters as JSON {method: {param: value}}; or query entries `method.param=value`."
-        f" Parameters: {PARAM_DOC}",
-    ),
-]
+# `params` is read from the query string by method_params (beside the `method.param=value` entries), so it is
+# declared here as what it is, a JSON object with its schema, rather than as a free-form string parameter.
+PARAMS_PARAMETER = {
+    "name": "params",
+    "in": "query",
+    "required": False,
+    "description": "method parameters as JSON {method: {param: value}} (for methods asked in `method`); or query "
+    f"entries `method.param=value`. Parameters: {PARAM_DOC}",
+    "content": {"application/json": {"schema": explain_params_schema()}},
+}
 ViewQuery = Annotated[
     Literal["figure", "overlay", "heatmap"],
-    Query(description="png: figure (input + each method, overlay above heatmap), or one method's overlay/heatmap"),
+    Query(
+        description="png: figure (input + each method, overlay above heatmap), or the overlay/heatmap of one "
+        "method (the first asked)"
+    ),
 ]
 CmapQuery = Annotated[Literal["jet", "inferno", "viridis", "magma", "turbo", "hot", "gray"], Query()]
 AlphaQuery = Annotated[float, Query(ge=0, le=1, description="overlay opacity of the heatmap")]
@@ -172,7 +156,7 @@ class _Drawing:
 @router.post(
     "/explain",
     summary="Explain a prediction: Grad-CAM, Grad-CAM++, guided Grad-CAM, saliency, SmoothGrad, IG, occlusion, ...",
-    openapi_extra=IMAGE_BODY,
+    openapi_extra={**IMAGE_BODY, "parameters": [PARAMS_PARAMETER]},
     responses={
         200: {
             "content": {
@@ -194,7 +178,6 @@ async def post_explain(
     method: MethodQuery = "gradcam",
     target: TargetQuery = None,
     layer: LayerQuery = None,
-    params: ParamsQuery = None,
     view: ViewQuery = "figure",
     cmap: CmapQuery = "jet",
     alpha: AlphaQuery = 0.5,
@@ -204,18 +187,19 @@ async def post_explain(
     """Heatmaps (on the input grid) of why the model gives `target` for the image; npy: (methods, H, W) float32."""
     methods = parse_methods(method)
     canon = canonical_layer(layer) if layer is not None else None
-    extra = method_params(request, methods)
-    if format == "png" and view != "figure" and len(methods) != 1:
-        raise InvalidArgument(f"view={view} draws one method; {len(methods)} were asked (use view=figure)")
+    extra, unused = method_params(request, methods)
     loaded = await registry.aget(model)
     tgt = parse_target(target, loaded.classes)
     x, u8 = await _one_image(request, settings, loaded)
     net: ResNet18 = loaded.model  # type: ignore[assignment]
-    canon = canon or default_cam_layer(net, int(loaded.meta.get("input_size", 32)))
+    canon = canon or cam_layer(net.stem, int(loaded.meta.get("input_size", 32)))
     mean, std = loaded.meta["mean"], loaded.meta["std"]
     found = await batcher.call(lambda: explain(net, x, methods, tgt, canon, extra, mean, std))
     drawing = _Drawing(format, view, cmap, alpha, size)
-    return await run_in_threadpool(lambda: _answer(found, loaded.id, loaded.classes, u8, drawing))
+    answer = await run_in_threadpool(lambda: _answer(found, loaded.id, loaded.classes, u8, drawing))
+    if unused:
+        answer.headers["X-ConvLens-Unused-Params"] = ",".join(unused)
+    return answer
 
 
 def _answer(

@@ -169,9 +169,17 @@ async def job_events_stream(
     last_event_id: Annotated[str | None, Header(description="resume after this event (set by EventSource)")] = None,
     after_step: Annotated[int | None, Query(ge=-1, description="start after this step (first connection)")] = None,
     heartbeat: Annotated[float, Query(ge=0.5, le=120, description="seconds between keepalive comments")] = 15.0,
+    once: Annotated[
+        bool, Query(description="send what is there now (records after the cursor, the status), then close")
+    ] = False,
+    timeout: Annotated[
+        float | None, Query(gt=0, le=86_400, description="close the stream after this many seconds")
+    ] = None,
 ) -> StreamingResponse:
     """Live progress as server-sent events: `step`/`epoch`/`final` records (id = step), `status`, then `end`.
 
+    The stream stays open until the job ends (`end`), which for a queued job may be hours: a client that cannot
+    wait asks with `once=true` (what is there now) or `timeout=S`, and reconnects with Last-Event-ID for more.
     One client (IP address) may hold CONVLENS_MAX_SSE_PER_CLIENT streams open at once; past that, 429.
     """
     store.read_run(run_id)  # 404 before the stream starts
@@ -188,7 +196,9 @@ async def job_events_stream(
             headers={"Retry-After": str(SSE_RETRY_AFTER_S)},
         )
     stop = getattr(request.app.state, "draining", None)  # set when the server shuts down
-    stream = job_events(store, run_id, after, heartbeat, 0.5, request.is_disconnected, stop)
+    wait = 0.0 if once else timeout
+    until = None if wait is None else time.monotonic() + wait
+    stream = job_events(store, run_id, after, heartbeat, 0.5, request.is_disconnected, stop, until)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return CountedStreamingResponse(
         stream, release=lambda: limiter.release(client), media_type="text/event-stream", headers=headers

@@ -12,8 +12,9 @@ from starlette.concurrency import run_in_threadpool
 
 from models import render
 from models.errors import ConvLensError
+from models.resnet import STEMS, cam_layer
 from service.auth import AUTH_401, WriteAccess
-from service.deps import RegistryDep
+from service.deps import ModelIdPath, RegistryDep
 from service.registry import ModelEntry, ModelRegistry
 from service.schemas import ModelDetail, ModelList, ModelSummary
 
@@ -75,6 +76,7 @@ def _detail(e: ModelEntry, registry: ModelRegistry) -> ModelDetailWithEngine:
             **_summary(e, _default_or_none(registry), registry.loaded_ids()),
             "classes": classes if len(classes) == n else [str(i) for i in range(n)],
             "input_size": int(m.get("input_size", 32)),
+            "cam_layer": cam_layer(STEMS.get(str(m.get("arch")), "imagenet"), int(m.get("input_size", 32))),
             "mean": m.get("mean", []),
             "std": m.get("std", []),
             "metrics": m.get("metrics") or {},
@@ -98,7 +100,7 @@ def list_models(registry: RegistryDep) -> ModelList:
 
 
 @router.get("/{model_id}", response_model=ModelDetailWithEngine, responses=NOT_FOUND, summary="One model's details")
-def get_model(model_id: str, registry: RegistryDep) -> ModelDetailWithEngine:
+def get_model(model_id: ModelIdPath, registry: RegistryDep) -> ModelDetailWithEngine:
     """Architecture, dataset, classes, normalisation, metrics and training config of one model."""
     return _detail(registry.entry(model_id), registry)
 
@@ -110,7 +112,7 @@ def get_model(model_id: str, registry: RegistryDep) -> ModelDetailWithEngine:
     summary="Make a model the default",
     dependencies=[WriteAccess],
 )
-async def set_default(model_id: str, registry: RegistryDep) -> ModelDetailWithEngine:
+async def set_default(model_id: ModelIdPath, registry: RegistryDep) -> ModelDetailWithEngine:
     """Load the model, then record it in registry.json; requests already running finish on the old default."""
     entry = await run_in_threadpool(registry.set_default, model_id)
     return _detail(entry, registry)
@@ -122,7 +124,7 @@ async def set_default(model_id: str, registry: RegistryDep) -> ModelDetailWithEn
     responses={200: {"content": {"image/png": {}}}, **NOT_FOUND, 409: {"description": "no test confusion recorded"}},
     summary="The model's test-set confusion matrix as a picture",
 )
-def confusion_png(model_id: str, registry: RegistryDep) -> Response:
+def confusion_png(model_id: ModelIdPath, registry: RegistryDep) -> Response:
     """Rows: true class, columns: predicted; colour: the row's rate, numbers: counts (measured once, on test)."""
     e = registry.entry(model_id)
     conf = e.meta.get("confusion")

@@ -66,12 +66,12 @@ def _missing(store: RunStore, run_id: str, status: str, what: str) -> NoReturn:
 
 
 def _pick(snaps: dict[int, Path], epoch: int | None, run_id: str) -> int:
-    """The asked epoch (default: the latest), or 422 giving the range."""
+    """The asked epoch (default: the latest), or 404 giving the range (which epochs exist is the run's state)."""
     lo, hi = min(snaps), max(snaps)
     if epoch is None:
         return hi
     if not lo <= epoch <= hi:
-        raise HTTPException(422, f"epoch {epoch} is out of range: job {run_id} has snapshots for epochs {lo}..{hi}")
+        raise HTTPException(404, f"epoch {epoch} is out of range: job {run_id} has snapshots for epochs {lo}..{hi}")
     if epoch not in snaps:
         raise HTTPException(404, f"job {run_id} has no snapshot for epoch {epoch} ({len(snaps)} in {lo}..{hi})")
     return epoch
@@ -86,7 +86,7 @@ def _weights(snaps: dict[int, Path], epoch: int, diff: bool, run_id: str) -> tor
         later = [e for e in snaps if e - 1 in snaps]
         valid = f"epochs {later[0]}..{later[-1]}" if later else "none yet: it needs two snapshots"
         raise HTTPException(
-            422,
+            404,
             f"diff=1 is the change over an epoch: epoch {epoch} has no snapshot before it; {run_id} can diff {valid}",
         )
     return w - load_snapshot(snaps[epoch - 1])

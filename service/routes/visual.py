@@ -9,7 +9,6 @@ Formats: `png` (default, the seed's figures), `json` (values, shapes and per-cha
 from __future__ import annotations
 
 import base64
-import re
 from typing import Annotated, Any, Literal
 
 import torch
@@ -19,12 +18,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from models import render
-from models.errors import InvalidArgument
-from models.resnet import ResNet18, canonical_layer, conv_layer, conv_layers
+from models.errors import InvalidArgument, NoSuchChannel
+from models.resnet import CONV_CHOICES, LAYER_CHOICES, WIDEST, ResNet18, canonical_layer, conv_layer, conv_layers
 from models.reverse import MODES, RULES, SEEDS, SHORTCUTS, reconstruct, select_channels
 from models.visual import TopKIndex, feature_maps, filters, hit_projections, image_patch, receptive_field
 from service.deps import BatcherDep, ModelParam, RegistryDep, SettingsDep
-from service.images import ImageLimits, image_request_body, normalize_batch, prepare_uint8, read_uploads
+from service.grammar import CHANNELS_HELP, CHANNELS_PATTERN, MAX_CHANNELS_CHARS, parse_channels
+from service.images import BASE64_IMAGE, ImageLimits, image_request_body, normalize_batch, prepare_uint8, read_uploads
 from service.registry import LoadedModel
 from service.topk import INDEX_K, Build, TopKService, at_input_size
 
@@ -32,7 +32,6 @@ router = APIRouter(tags=["look inside"])
 
 Format = Literal["png", "json", "npy"]
 JSON_MAX_VALUES = 1 << 20  # beyond ~1M numbers JSON is the wrong format (tens of MB): npy says the same in 4 bytes each
-MAX_CHANNEL_SPEC = 4096  # characters of a `channels` list
 
 IMAGE_BODY = image_request_body(
     "file",
@@ -43,7 +42,7 @@ IMAGE_BODY = image_request_body(
         "properties": {
             "images": {
                 "type": "array",
-                "items": {"type": "string"},
+                "items": BASE64_IMAGE,
                 "minItems": 1,
                 "maxItems": 1,
                 "description": "one base64 image (a data: URL is fine)",
@@ -73,37 +72,23 @@ LayerQ = Annotated[
         max_length=64,
         description="conv1, layer1..layer4 (or the seed's conv2_x..conv5_x)",
         examples=["conv1", "layer3", "conv5_x"],
+        json_schema_extra={"enum": list(LAYER_CHOICES)},
     ),
 ]
 FormatQ = Annotated[Format, Query(description="png (the figure), json (values + statistics) or npy (float32)")]
+# The grammar is stated in the schema and checked by grammar.parse_channels (our message, not pydantic's).
 ChannelsQ = Annotated[
     str,
     Query(
-        max_length=MAX_CHANNEL_SPEC,
-        description="`all`, a comma-separated list (`3,17,42`), or `top:N` (the N channels with the strongest "
-        "activation, strongest first)",
+        max_length=MAX_CHANNELS_CHARS,
+        description=CHANNELS_HELP,
         examples=["all", "top:16", "0,1,2"],
+        json_schema_extra={"pattern": CHANNELS_PATTERN},
     ),
 ]
 ScaleQ = Annotated[
     int | None, Query(ge=1, le=16, description="nearest-neighbour upscale per tile; default: tiles of ~32 px")
 ]
-
-
-def parse_channels(spec: str) -> Literal["all"] | int | list[int]:
-    """`all` | `top:N` (or `topN`) | `3,17,42` -> what models.reverse.select_channels takes."""
-    s = spec.strip().lower()
-    if s == "all":
-        return "all"
-    m = re.fullmatch(r"top:?\s*(\d{1,6})", s)
-    if m:
-        return int(m.group(1))
-    parts = [p.strip() for p in s.split(",") if p.strip()]
-    if not parts or not all(re.fullmatch(r"\d{1,6}", p) for p in parts):
-        raise InvalidArgument(
-            f"channels must be 'all', 'top:N' or a comma-separated list of indices; got {spec[:80]!r}"
-        )
-    return [int(p) for p in parts]
 
 
 def _headers(loaded: LoadedModel, **extra: Any) -> dict[str, str]:
@@ -169,6 +154,7 @@ async def get_filters(
             max_length=64,
             description="a conv layer by dotted name (conv1, layer2.0.conv1, layer2.0.downsample.0) or a named "
             "layer (its first conv)",
+            json_schema_extra={"enum": list(CONV_CHOICES)},
         ),
     ] = "conv1",
     method: Annotated[
@@ -180,7 +166,11 @@ async def get_filters(
     ] = "channels",
     in_channels: Annotated[
         str | None,
-        Query(max_length=MAX_CHANNEL_SPEC, description="method=channels: which input channels get a panel (list)"),
+        Query(
+            max_length=MAX_CHANNELS_CHARS,
+            description=f"method=channels: which input channels get a panel: {CHANNELS_HELP}",
+            json_schema_extra={"pattern": CHANNELS_PATTERN},
+        ),
     ] = None,
     scale: ScaleQ = None,
     format: FormatQ = "png",
@@ -395,7 +385,9 @@ async def get_topk(
     batcher: BatcherDep,
     model: ModelParam,
     layer: LayerQ = "layer1",
-    channel: Annotated[int, Query(ge=0, le=4095, description="channel of the layer")] = 0,
+    channel: Annotated[
+        int, Query(ge=0, le=WIDEST - 1, description="channel of the layer (one past the layer's width: 404)")
+    ] = 0,
     k: Annotated[int, Query(ge=1, le=INDEX_K, description="hits to return, strongest first")] = 9,
     rule: Annotated[Literal["deconvnet", "guided"], Query()] = "deconvnet",
     shortcut: Annotated[Literal["sum", "residual", "identity"], Query()] = "sum",
@@ -417,7 +409,7 @@ async def get_topk(
         return JSONResponse(got.as_json(), status_code=code, headers={"Retry-After": "2", **_headers(loaded)})
     n = got.values[canon].shape[0] if canon in got.values else 0
     if not 0 <= channel < n:
-        raise InvalidArgument(f"channel {channel} is out of range for {canon}; valid channels are 0..{n - 1}")
+        raise NoSuchChannel(f"channel {channel} is out of range for {canon}; valid channels are 0..{n - 1}")
     hits, patches, projs, size = await batcher.call(
         lambda: _topk_answer(loaded, got, svc, canon, channel, k, rule, shortcut)
     )

@@ -51,12 +51,13 @@ from models.featurevis import (
     layer_width,
     visualize,
 )
-from models.resnet import ResNet18, canonical_layer
+from models.resnet import WIDEST, ResNet18, canonical_layer
 from models.reverse import select_channels
 from service.deps import ModelParam, RegistryDep
+from service.grammar import CHANNEL_LIST_PATTERN, MAX_CHANNELS_CHARS, parse_channels
 from service.images import DATASET_IMAGE_SIZE
 from service.registry import LoadedModel
-from service.routes.visual import ERRORS, PNG_NPY_JSON, ChannelsQ, FormatQ, LayerQ, _headers, _respond, parse_channels
+from service.routes.visual import ERRORS, PNG_NPY_JSON, FormatQ, LayerQ, _headers, _respond
 from service.topk import Build, build_lock, examples_split
 
 log = logging.getLogger("convlens.featurevis")
@@ -378,13 +379,28 @@ async def get_visualize(
     registry: RegistryDep,
     model: ModelParam,
     layer: LayerQ = "layer3",
-    channels: ChannelsQ = "0,1,2,3",
+    channels: Annotated[
+        str,
+        Query(
+            max_length=MAX_CHANNELS_CHARS,
+            description=f"`all` or a comma-separated list of channel indices (0..{WIDEST - 1}); no `top:N`, which "
+            "ranks channels by their activation for an image, and /visualize takes none",
+            examples=["0,1,2,3", "all"],
+            json_schema_extra={"pattern": CHANNEL_LIST_PATTERN},
+        ),
+    ] = "0,1,2,3",
     objective: Annotated[
         Literal["channel", "neuron", "negative"],
         Query(description="channel: maximize the map's mean; neuron: its centre position; negative: minimize the mean"),
     ] = "channel",
     diversity: Annotated[
-        int, Query(ge=0, le=MAX_DIVERSITY, description="0: one image per channel; k >= 2: k different ones")
+        int,
+        Query(
+            ge=0,
+            le=MAX_DIVERSITY,
+            description="0: one image per channel; k >= 2: k different ones (1 has nothing to differ from)",
+            json_schema_extra={"not": {"const": 1}},
+        ),
     ] = 0,
     steps: Annotated[int, Query(ge=1, le=MAX_STEPS, description="optimization steps")] = DEFAULT_STEPS,
     seed: Annotated[int, Query(ge=0, le=2**31 - 1, description="the same seed gives the same images")] = 0,

@@ -142,6 +142,7 @@ async function loadClasses() {
     if (!id) return;
     const detail = await getJSON(`/models/${encodeURIComponent(id)}`);
     state.classes = detail.classes;
+    pickLayer(detail.cam_layer);
   } catch {
     return; // the panels that need a model say why
   }
@@ -149,6 +150,18 @@ async function loadClasses() {
   select.replaceChildren(el("option", { value: "", text: "the predicted class" }));
   state.classes.forEach((c) => select.append(el("option", { value: c, text: c })));
   if (state.classes.includes(chosen)) select.value = chosen;
+}
+
+/** The model's own default layer (the deepest whose map is at least 4x4 at its input size) in both layer pickers. */
+function pickLayer(layer) {
+  for (const select of document.querySelectorAll("#explain-form select[name=layer], #inside select[name=layer]")) {
+    if (![...select.options].some((o) => o.value === layer)) continue;
+    for (const o of select.options) {
+      o.dataset.label ??= o.textContent;
+      o.textContent = o.dataset.label + (o.value === layer ? ", this model's default" : "");
+    }
+    select.value = layer;
+  }
 }
 
 function modelChanged() {

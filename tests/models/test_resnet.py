@@ -8,7 +8,20 @@ import torchvision
 from torch import nn
 
 from models.errors import UnknownArchitecture, UnknownLayer
-from models.resnet import LAYER_ALIASES, build_model, canonical_layer, conv_layer, layer_module
+from models.resnet import (
+    ARCHS,
+    CONV_NAMES,
+    LAYER_ALIASES,
+    LAYER_NAMES,
+    MIN_CAM_SIDE,
+    build_model,
+    cam_layer,
+    canonical_layer,
+    conv_layer,
+    conv_layers,
+    layer_module,
+    layer_sizes,
+)
 
 SHAPES = {
     "resnet18": {
@@ -95,3 +108,29 @@ def test_unknown_names_are_clear() -> None:
     assert conv_layer(model, "conv3_x") is model.layer2[0].conv1
     with pytest.raises(UnknownLayer, match="layer4.1.conv2"):
         conv_layer(model, "fc")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("size", [31, 32, 48, 64])
+def test_layer_sizes_are_the_maps_a_forward_pass_makes(arch: str, size: int) -> None:
+    model = build_model(arch).eval()
+    seen: dict[str, int] = {}
+    hooks = [
+        layer_module(model, n).register_forward_hook(lambda _m, _i, o, n=n: seen.__setitem__(n, o.shape[-1]))
+        for n in LAYER_NAMES
+    ]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    assert layer_sizes(model.stem, size) == seen
+    layer = cam_layer(model.stem, size)
+    assert seen[layer] >= MIN_CAM_SIDE and all(
+        seen[n] < MIN_CAM_SIDE for n in LAYER_NAMES[LAYER_NAMES.index(layer) + 1 :]
+    )
+
+
+def test_conv_names_are_both_stems_modules() -> None:
+    for arch in ARCHS:
+        assert tuple(conv_layers(build_model(arch))) == CONV_NAMES
+    assert cam_layer("imagenet", 48) == "layer2" and cam_layer("cifar", 32) == "layer4"

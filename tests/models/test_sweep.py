@@ -102,11 +102,11 @@ def test_bound_counts_rows_times_grid() -> None:
 
 
 def test_a_failing_combination_is_named_by_row_and_field() -> None:
-    errors = _errors({"grid": {"batch_size": [100, 5000], "milestones": [[10, 15], [15, 10]]}})
+    errors = _errors({"grid": {"batch_size": [100, 5000], "milestones": [[10, 15], [15, 0]]}})
     where = sorted((e["row"], e["loc"][-1]) for e in errors)
-    # rows: (100,[10,15]) ok; (100,[15,10]) milestones; (5000,...) batch_size twice
-    assert where == [(1, "milestones"), (2, "batch_size"), (3, "batch_size")], errors
-    assert errors[0]["values"] == '{"batch_size": 100, "milestones": [15, 10]}'
+    # rows: (100,[10,15]) ok; (100,[15,0]) milestones (no epoch 0); (5000,...) batch_size twice
+    assert where == [(1, "milestones.1"), (2, "batch_size"), (3, "batch_size"), (3, "milestones.1")], errors
+    assert errors[0]["values"] == '{"batch_size": 100, "milestones": [15, 0]}'
 
 
 def test_request_level_errors() -> None:

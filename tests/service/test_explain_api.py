@@ -88,17 +88,18 @@ def test_png_views_have_the_promised_sizes(client: TestClient, test_pngs: list[b
 @pytest.mark.parametrize(
     ("params", "needle"),
     [
-        ({"method": "lime"}, "unknown method"),
+        ({"method": "lime"}, "one or more of"),
         ({"method": ""}, "method"),
-        ({"target": "zebra"}, "not a class"),
-        ({"target": "10"}, "0..9"),
+        ({"method": "GradCAM"}, "one or more of"),
+        ({"target": "ze;bra"}, "class name"),
         ({"layer": "layer7"}, "valid layers"),
         ({"method": "occlusion", "occlusion.patch": 0}, "occlusion.patch"),
         ({"method": "occlusion", "occlusion.size": 3}, "occlusion.size"),
-        ({"method": "gradcam", "occlusion.patch": 4}, "not among the methods"),
+        ({"method": "gradcam", "occlusion.patch": 0}, "occlusion.patch"),  # unused, but still checked
+        ({"method": "gradcam", "lime.width": 4}, "not a method"),
         ({"method": "gradcam", "params": "{bad"}, "params is not valid JSON"),
-        ({"method": "ig", "params": '{"ig": {"steps": 100000}}'}, "integrated_gradients.steps"),
-        ({"method": "gradcam,saliency", "view": "overlay"}, "view=overlay"),
+        ({"method": "ig", "params": '{"integrated_gradients": {"steps": 100000}}'}, "integrated_gradients.steps"),
+        ({"method": "ig", "params": '{"ig": {"steps": 8}}'}, "'ig' is not a method"),  # the schema's keys
         ({"alpha": 2}, "alpha"),
         ({"cmap": "rainbow"}, "cmap"),
     ],
@@ -107,3 +108,27 @@ def test_errors_name_the_field(client: TestClient, test_pngs: list[bytes], param
     r = client.post("/explain", params=params, **upload(test_pngs[0]))
     assert r.status_code == 422, r.text
     assert needle in str(r.json()["detail"])
+
+
+@pytest.mark.parametrize(("target", "needle"), [("zebra", "not a class"), ("10", "0..9")])
+def test_a_class_the_model_lacks_is_404(client: TestClient, test_pngs: list[bytes], target: str, needle: str) -> None:
+    """Well formed (the schema's grammar) but absent from this model's classes: the model's state, not syntax."""
+    r = client.post("/explain", params={"target": target}, **upload(test_pngs[0]))
+    assert r.status_code == 404 and needle in r.json()["detail"], r.text
+
+
+def test_parameters_for_methods_not_asked_are_set_aside_and_named(client: TestClient, test_pngs: list[bytes]) -> None:
+    q = {"method": "gradcam", "format": "npy", "params": '{"occlusion": {"patch": 4}}', "smoothgrad.samples": 4}
+    r = client.post("/explain", params=q, **upload(test_pngs[0]))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-convlens-unused-params"] == "occlusion,smoothgrad"
+    assert r.headers["x-convlens-methods"] == "gradcam"
+    plain = client.post("/explain", params={"method": "gradcam", "format": "npy"}, **upload(test_pngs[0]))
+    assert plain.content == r.content and "x-convlens-unused-params" not in plain.headers
+
+
+def test_overlay_of_several_methods_draws_the_first(client: TestClient, test_pngs: list[bytes]) -> None:
+    q = {"view": "overlay", "size": 64}
+    both = client.post("/explain", params={**q, "method": "saliency,gradcam"}, **upload(test_pngs[0]))
+    one = client.post("/explain", params={**q, "method": "saliency"}, **upload(test_pngs[0]))
+    assert both.status_code == one.status_code == 200 and both.content == one.content

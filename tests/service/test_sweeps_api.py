@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from models.runs import RunStore
 from tests.helpers import REDIS_URL, redis_up, wait_for
 from tests.service.conftest import make_client
+from tests.service.test_compare_async import compared
 from tests.worker.conftest import Stack, Worker, cleanup_redis, epoch_checkpointed, epochs_logged, job_config
 
 Api = tuple[TestClient, Stack]
@@ -74,7 +75,7 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory, synthetic_data: Path) 
         ({"grid": {"learning_rate": [0.1]}}, ["body", "grid", "learning_rate"]),
         ({"grid": {"lr": []}}, ["body", "grid", "lr"]),
         ({"grid": {"batch_size": [50, 5000]}}, ["body", "row", 1, "batch_size"]),
-        ({"grid": {"milestones": [[2, 1]]}}, ["body", "row", 0, "milestones"]),
+        ({"grid": {"milestones": [[2, 0]]}}, ["body", "row", 0, "milestones.1"]),
         ({"grid": {"seed": list(range(9)), "lr": [0.1] * 8}}, ["body", "grid"]),
         ({"rows": [{"epochs": 0}]}, ["body", "row", 0, "epochs"]),
         ({"preset": "seed-table3"}, ["body", "preset"]),
@@ -134,7 +135,9 @@ def test_sweep_end_to_end_on_the_embedded_queue(embedded: Api) -> None:
 def test_compare_two_rows_of_a_sweep(embedded: Api) -> None:
     client, stack = embedded
     wait_done(client, "emb")
-    r = client.get("/compare", params={"models": "emb-00,emb-01", "split": "val"})
+    first = client.get("/compare", params={"models": "emb-00,emb-01", "split": "val"})
+    assert first.status_code == 202 and 0 <= first.json()["progress"] <= 1, first.text  # computed in the background
+    r, _ = compared(client, "emb-00,emb-01", "val")
     assert r.status_code == 200, r.text
     rep = r.json()
     t, n = rep["table"], rep["n"]
@@ -148,9 +151,9 @@ def test_compare_two_rows_of_a_sweep(embedded: Api) -> None:
     cached = list((stack.home / "compare").glob("*-val.json"))
     assert len(cached) == 1
     assert client.get("/compare", params={"models": "emb-00,emb-01"}).json() == rep  # served from the cache
-    same = client.get("/compare", params={"models": "emb-00,emb-00", "split": "test"}).json()
+    same = compared(client, "emb-00,emb-00", "test")[0].json()
     assert same["agreement"] == 1.0 and same["n"] == 200 and min(same["filters"]["similarity"]) > 0.999
-    png = client.get("/compare", params={"models": "emb-00,emb-01", "format": "png"})
+    png = client.get("/compare", params={"models": "emb-00,emb-01", "format": "png"})  # the cached report's figure
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
     assert client.get("/compare", params={"models": "emb-00,emb-02"}).status_code == 422  # cifar10 vs cifar100
     assert client.get("/compare", params={"models": "emb-00,nope"}).status_code == 404

@@ -143,7 +143,7 @@ def test_reconstruct_equals_the_reverse_network(
     [
         ({"layer": "conv6_x"}, "conv5_x"),
         ({"layer": "layer4", "channels": "600"}, "0..511"),
-        ({"channels": "top:0"}, "1..64"),
+        ({"channels": "top:0"}, "top:N"),
         ({"mode": "most"}, "mode"),
         ({"rule": "magic"}, "rule"),
         ({"channels": ""}, "channels"),
@@ -241,8 +241,9 @@ def test_topk_builds_in_background_then_serves_the_strongest_images(
         assert r.status_code == 200 and png_size(r.content) == render.topk_size(3, 40)
         r = client.get("/topk", params={"layer": "layer1", "channel": 2, "k": 2, "images": True})
         assert r.json()["hits"][0]["patch_png"].startswith("data:image/png;base64,")
-        r = client.get("/topk", params={"layer": "layer1", "channel": 64})
-        assert r.status_code == 422 and "0..63" in r.json()["detail"]
+        r = client.get("/topk", params={"layer": "layer1", "channel": 64})  # well formed, but layer1 has 64
+        assert r.status_code == 404 and "0..63" in r.json()["detail"]
+        assert client.get("/topk", params={"layer": "layer1", "channel": 512}).status_code == 422  # no layer has
 
 
 def test_topk_without_the_dataset_is_a_clear_503(home: Path, tmp_path: Path) -> None:
