@@ -16,7 +16,7 @@ from celery import Celery
 from kombu.transport import filesystem
 from kombu.utils.json import dumps
 
-from jobqueue.contract import TRAIN_TASK
+from jobqueue.contract import ATLAS_TASK, TRAIN_TASK
 from jobqueue.settings import CommonSettings
 
 
@@ -136,3 +136,10 @@ def send_train(app: Celery, run_id: str) -> None:
     """Enqueue a run by task name; the task id is the run id, so every delivery of a run is the same task."""
     queue = app.conf.task_default_queue
     app.send_task(TRAIN_TASK, args=[run_id], task_id=run_id, queue=queue)
+
+
+def send_atlas(app: Celery, atlas_id: str) -> None:
+    """Enqueue an atlas by task name on the training queue (its workers run one job at a time, an atlas or a
+    training run); the task id is the atlas id, so every delivery of an atlas is the same task."""
+    queue = app.conf.task_default_queue
+    app.send_task(ATLAS_TASK, args=[atlas_id], task_id=atlas_id, queue=queue)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from models.runs import STATUSES, TERMINAL, RunStatus
 
 TRAIN_TASK = "convlens.train"
+# Renders a feature-visualization atlas (worker/atlas.py); same queue as training, task id = atlas id.
+ATLAS_TASK = "convlens.atlas"
 DEFAULT_QUEUE = "train"
 QUEUE_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # A worker holds this file in a run's folder while it trains the run (worker/reconcile.py writes and refreshes
@@ -16,6 +18,7 @@ LEASE_FILE = "lease"
 NOT_RESUMED = ("succeeded", "cancelled")
 
 __all__ = [
+    "ATLAS_TASK",
     "DEFAULT_QUEUE",
     "LEASE_FILE",
     "NOT_RESUMED",

@@ -29,6 +29,7 @@ from service.jobs_sse import StreamLimiter
 from service.logs import RequestIdMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import ModelRegistry, checkpoint_dir_source
+from service.routes import atlas as atlas_routes
 from service.routes import compare, explain, health, jobs, models, predict, sweeps, timelapse, ui, visual, visualize
 from service.settings import Settings, get_settings
 
@@ -136,4 +137,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware, log_requests=settings.access_log)  # outermost: every answer has an id
     for module in (health, models, predict, visual, visualize, explain, jobs, sweeps, compare, timelapse, ui):
         app.include_router(module.router)
+    app.include_router(atlas_routes.router)
+    auth.openapi_security_only_with_keys(app, settings)
     return app

@@ -14,7 +14,7 @@ from celery import Celery
 from jobqueue.app import make_celery
 from worker.settings import get_worker_settings
 
-TASK_MODULES = ("worker.tasks", "worker.reconcile")
+TASK_MODULES = ("worker.tasks", "worker.reconcile", "worker.atlas")
 
 
 @lru_cache
