@@ -266,11 +266,48 @@ def layer_images(store: AtlasStore, atlas_id: str, spec: AtlasSpec, layer: str) 
     return channels, torch.cat(images) if images else torch.zeros(0, 3, 32, 32)
 
 
+def layer_channels(store: AtlasStore, atlas_id: str, spec: AtlasSpec, layer: str) -> list[dict[str, Any]]:
+    """Every planned channel of one layer, in plan order: whether it is finished, its tile on the sheet and the
+    objective and activation its image reached (None until its chunk is finished).
+
+    Tiles count only readable chunks, as layer_images does, so a tile index here is the tile the sheet draws."""
+    out: list[dict[str, Any]] = []
+    tile = 0
+    for i, (name, chans) in enumerate(spec.plan()):
+        if name != layer:
+            continue
+        chunk = store.read_chunk(atlas_id, i, name, chans)
+        for j, c in enumerate(chans):
+            row: dict[str, Any] = {"channel": c, "done": chunk is not None, "tile": None}
+            row["objective_value"] = None if chunk is None else float(chunk["values"][j])
+            row["activation"] = None if chunk is None else float(chunk["activation"][j])
+            if chunk is not None:
+                row["tile"], tile = tile, tile + 1
+            out.append(row)
+    return out
+
+
+def channel_image(store: AtlasStore, atlas_id: str, spec: AtlasSpec, layer: str, channel: int) -> torch.Tensor | None:
+    """One channel's image (3, H, W) in [0, 1], read from the one chunk that holds it (not the whole layer); None
+    while that chunk is unfinished or when the atlas did not plan the channel (callers check that first)."""
+    for i, (name, chans) in enumerate(spec.plan()):
+        if name == layer and channel in chans:
+            chunk = store.read_chunk(atlas_id, i, name, chans)
+            return None if chunk is None else chunk["images"][chans.index(channel)]
+    return None
+
+
 def sheet_png(channels: Sequence[int], images: torch.Tensor, scale: int) -> bytes:
     """The contact sheet: one tile per channel, labelled with its index, upscaled nearest-neighbour."""
     tiles = render._upscale(images, scale)
     h, w = tiles.shape[-2:]
     return render._label(render._grid(tiles), [str(c) for c in channels], h, w, render.PAD)
+
+
+def channel_png(image: torch.Tensor, scale: int) -> bytes:
+    """One channel's image (3, H, W) as a PNG, upscaled nearest-neighbour (scale 1: the pixels as optimized, which
+    /predict and /featuremaps take back exactly, up to 8-bit quantization)."""
+    return render.png_bytes(render._upscale(image, scale))
 
 
 def dataset_color_cov(meta: dict[str, Any], data_root: Path) -> torch.Tensor:

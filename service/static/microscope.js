@@ -1,6 +1,7 @@
 // The Microscope: what each channel of a layer looks for on its own (feature visualization), over the public API
 // only: GET /visualize for a few channels and their variants, POST /atlas + GET /atlas/{id} for a whole layer as a
-// queued job, POST /predict to classify a rendered image.
+// queued job, POST /predict to classify a rendered image, GET /topk for a channel's top-9 dataset examples and their
+// deconvnet projections.
 
 import { ApiError, getJSON, imageForm, imageURL, request } from "./api.js";
 
@@ -55,7 +56,7 @@ function build(root) {
       text:
         "The synthesized image that drives each channel hardest, for the chosen model. Visualize a few channels " +
         "(a list such as 0,1,2,3), or render a whole layer as an atlas job on the queue. Choose a channel to see it " +
-        "larger with its variants, and classify the rendered image.",
+        "larger with its variants beside the dataset images that drive it hardest, and classify the rendered image.",
     }),
     el(
       "form",
@@ -104,15 +105,20 @@ function buildDetail() {
     el("h3", { id: "ms-detail-h", tabindex: "-1" }),
     el(
       "div",
-      { class: "ms-variants" },
-      ...VARIANTS.map((v) =>
-        el(
-          "figure",
-          { class: "ms-variant", "data-variant": v.key, "aria-busy": "false" },
-          el("img", { class: "pixelated", alt: "", hidden: true }),
-          el("figcaption", { text: v.caption }),
+      { class: "ms-side" },
+      el(
+        "div",
+        { class: "ms-variants" },
+        ...VARIANTS.map((v) =>
+          el(
+            "figure",
+            { class: "ms-variant", "data-variant": v.key, "aria-busy": "false" },
+            el("img", { class: "pixelated", alt: "", hidden: true }),
+            el("figcaption", { text: v.caption }),
+          ),
         ),
       ),
+      buildTopk(),
     ),
     el(
       "div",
@@ -122,6 +128,19 @@ function buildDetail() {
     ),
     el("ol", { id: "ms-predict", class: "ms-predict", "aria-label": "what the model calls this image" }),
     el("p", { id: "ms-detail-err", class: "error", role: "alert" }),
+  );
+}
+
+/** The channel's top-9 dataset examples: each image patch beside its deconvnet projection (GET /topk). */
+function buildTopk() {
+  return el(
+    "section",
+    { id: "ms-topk-sec", "aria-labelledby": "ms-topk-h", "aria-busy": "false" },
+    el("h4", { id: "ms-topk-h", text: "Top-9 dataset examples: the patch it sees, and its deconvnet projection" }),
+    el("p", { id: "ms-topk-msg", class: "hint", role: "status" }),
+    el("progress", { id: "ms-topk-progress", max: 1, value: 0, hidden: true, "aria-label": "top-k index progress" }),
+    el("ol", { id: "ms-topk", class: "topk ms-topk", "aria-labelledby": "ms-topk-h" }),
+    el("p", { id: "ms-topk-err", class: "error", role: "alert" }),
   );
 }
 
@@ -360,7 +379,66 @@ function openChannel(channel) {
   const npy = new URL("/visualize", window.location.origin);
   for (const [k, v] of Object.entries({ ...base, format: "npy" })) if (v !== undefined) npy.searchParams.set(k, v);
   $("#ms-npy").href = npy.pathname + npy.search;
+  // Side by side and at once: the top-k index answers in a moment once built, the variants take many seconds.
   loadVariants(base, channel, p.layer, fresh);
+  loadTopk(p, channel, fresh);
+}
+
+/** GET /topk for the page's model until it answers 200: a 202 reports the index build's progress. */
+async function loadTopk(p, channel, fresh) {
+  const sec = $("#ms-topk-sec");
+  const msg = $("#ms-topk-msg");
+  const bar = $("#ms-topk-progress");
+  $("#ms-topk").replaceChildren();
+  $("#ms-topk-err").textContent = "";
+  sec.setAttribute("aria-busy", "true");
+  msg.textContent = `Finding the dataset images that most activate channel ${channel}...`;
+  const query = { model: p.model, layer: p.layer, channel, k: 9, images: true, rule: "deconvnet" };
+  try {
+    for (;;) {
+      const res = await request("/topk", { query });
+      if (!fresh()) return;
+      const body = await res.json();
+      if (res.status !== 202) {
+        showTopk(body, channel, p.layer);
+        return;
+      }
+      bar.hidden = false;
+      bar.value = body.progress || 0;
+      const eta = body.eta_s ? `, about ${Math.ceil(body.eta_s)} s left` : "";
+      msg.textContent = `Building the top-k index over the validation images: ${Math.round((body.progress || 0) * 100)}%${eta}.`;
+      await sleep(Math.min(Math.max(Number(res.headers.get("Retry-After")) || 1, 0.5), 2) * 1000);
+      if (!fresh()) return;
+    }
+  } catch (e) {
+    if (fresh()) {
+      msg.textContent = "";
+      fail(e, "#ms-topk-err");
+    }
+  } finally {
+    if (fresh()) {
+      bar.hidden = true;
+      sec.setAttribute("aria-busy", "false");
+    }
+  }
+}
+
+function showTopk(body, channel, layer) {
+  const what = `channel ${channel} of ${layer}`;
+  $("#ms-topk-msg").textContent =
+    `The ${body.k} ${body.split || ""} images (of ${body.num_images}) that most activate ${what}, strongest first.`;
+  $("#ms-topk").replaceChildren(
+    ...body.hits.map((h) => {
+      const name = `${what}, example ${h.rank + 1} (image ${h.image}${h.class ? `, ${h.class}` : ""})`;
+      return el(
+        "li",
+        { class: "hit", "data-image": h.image },
+        el("img", { src: h.patch_png, class: "pixelated", alt: `${name}: the patch it sees` }),
+        el("img", { src: h.projection_png, class: "pixelated", alt: `${name}: its deconvnet projection` }),
+        el("span", { text: `#${h.rank + 1} ${h.class ?? ""} (${h.value.toFixed(2)})` }),
+      );
+    }),
+  );
 }
 
 /** The four variants one after another (a server renders two visualizations at once; more would wait anyway). */

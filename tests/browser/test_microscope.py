@@ -1,6 +1,7 @@
 """The Microscope in a real browser (Debian's Chromium) against a live server and worker: a few channels from
-/visualize as a keyboard-usable grid, one channel's four variants and its image through /predict, then a whole
-layer as an atlas job on the worker, its contact sheet, and a channel opened from the sheet."""
+/visualize as a keyboard-usable grid, one channel's four variants beside its top-9 dataset examples and their
+projections (/topk), its image through /predict, then a whole layer as an atlas job on the worker, its contact
+sheet, and a channel opened from the sheet (its examples follow it)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from tests.browser.conftest import API_KEY, Live, browser_missing
 if (why := browser_missing()) is not None:
     pytest.skip(why, allow_module_level=True)
 
-from playwright.sync_api import Page, expect  # noqa: E402
+from playwright.sync_api import Page, ViewportSize, expect  # noqa: E402
 
 expect.set_options(timeout=60_000)
 pytestmark = pytest.mark.slow  # a real browser against a real server and worker
-PHONE = {"width": 390, "height": 844}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 
 
 def wait_loaded(page: Page, selector: str, timeout: float = 120_000) -> None:
@@ -50,6 +51,20 @@ def canvas_spread(page: Page, selector: str) -> float:
             }""",
         )
     )
+
+
+def expect_top9(page: Page, live: Live, layer: str, channel: int) -> None:
+    """The detail's top-9 examples: nine loaded patches and projections, named for the channel, the same images
+    GET /topk gives for the page's model."""
+    hits = page.locator("#ms-topk .hit")
+    expect(hits).to_have_count(9, timeout=240_000)  # the first /topk builds the model's index (202 until then)
+    wait_loaded(page, "#ms-topk .hit img")
+    alts = page.eval_on_selector_all("#ms-topk .hit img", "imgs => imgs.map(i => i.alt)")
+    assert len(alts) == 18 and all(a.startswith(f"channel {channel} of {layer}, example ") for a in alts), alts
+    assert sum(a.endswith("its deconvnet projection") for a in alts) == 9, alts
+    shown = [int(x) for x in hits.evaluate_all("lis => lis.map(l => l.dataset.image)")]
+    want = httpx.get(f"{live.url}/topk", params={"model": "tiny", "layer": layer, "channel": channel, "k": 9}).json()
+    assert shown == [h["image"] for h in want["hits"]], (shown, want)
 
 
 def test_channels_variants_predict_and_an_atlas(page: Page, live: Live, artifacts: Path) -> None:
@@ -84,6 +99,7 @@ def test_channels_variants_predict_and_an_atlas(page: Page, live: Live, artifact
         '#ms-detail figure[data-variant="diversity"] img', "i => [i.naturalWidth, i.naturalHeight]"
     )
     assert w > 1.5 * h, "four diverse images side by side"
+    expect_top9(page, live, "layer2", 2)  # beside the variants: the dataset images that drive it hardest
 
     # The rendered image through /predict: the model's three best guesses.
     classes = httpx.get(f"{live.url}/models/tiny").json().get("classes") or []
@@ -117,6 +133,7 @@ def test_channels_variants_predict_and_an_atlas(page: Page, live: Live, artifact
     page.locator("#ms-open").get_by_role("button", name="Open").click()
     expect(page.locator("#ms-detail-h")).to_have_text("Channel 63 of conv1")
     wait_loaded(page, "#ms-detail figure img")
+    expect_top9(page, live, "conv1", 63)
     page.locator("#microscope").screenshot(path=str(artifacts / "microscope.png"))
 
     # A phone's width: nothing wider than the screen.
