@@ -187,6 +187,15 @@ async def get_filters(
         raise InvalidArgument(f"method=rgb needs a conv with 3 input channels (conv1); {layer} has {w.shape[1]}")
     name = next(n for n, m in conv_layers(net).items() if m is conv_layer(net, layer))
 
+    headers = {}
+    if format == "png" and method == "channels":
+        # A deep conv has more filter tiles than a figure can hold (512 x 512): draw the first panels that fit, in
+        # the order asked (top:N is strongest first), and name them, as top:N does past a layer's width.
+        drawn = (list(range(w.shape[1])) if chosen is None else chosen)[: max(1, render.MAX_TILES // w.shape[0])]
+        if chosen is None or len(drawn) < len(chosen):
+            chosen = drawn
+        headers["X-ConvLens-Channels"] = _csv(chosen)
+
     def png() -> bytes:
         if method == "rgb":
             return render.filters_rgb_png(w, scale)
@@ -194,7 +203,7 @@ async def get_filters(
 
     info = {"layer": name, "max_abs": float(w.abs().max())}
     data = w if chosen is None else w[:, chosen]
-    return await run_in_threadpool(_respond, format, loaded, png, data, info, f"filters-{name}")
+    return await run_in_threadpool(_respond, format, loaded, png, data, info, f"filters-{name}", headers)
 
 
 # ---- POST /featuremaps -----------------------------------------------------------------------------------------

@@ -65,12 +65,22 @@ def test_filters_png_json_npy(client: TestClient, ref: tuple[ResNet18, dict[str,
     np.testing.assert_array_equal(npy(r.content), w[:, [0, 2]].numpy())
 
 
+def test_filters_of_an_input_channel_the_conv_lacks_is_404(client: TestClient) -> None:
+    r = client.get("/filters", params={"in_channels": "7"})  # well formed; conv1 has 3 input channels
+    assert r.status_code == 404 and "0..2" in r.json()["detail"], r.text
+
+
+def test_a_deep_conv_draws_the_panels_that_fit_and_names_them(client: TestClient) -> None:
+    r = client.get("/filters", params={"layer": "layer4.1.conv2"})  # 512 x 512 filters: more than a figure holds
+    drawn = r.headers["x-convlens-channels"].split(",")
+    assert r.status_code == 200 and drawn == [str(i) for i in range(render.MAX_TILES // 512)], r.headers
+
+
 @pytest.mark.parametrize(
     ("params", "needle"),
     [
         ({"layer": "layer9"}, "valid"),
         ({"layer": "layer2", "method": "rgb"}, "3 input channels"),
-        ({"in_channels": "7"}, "0..2"),
         ({"in_channels": "x;y"}, "channels"),
         ({"format": "gif"}, "format"),
         ({"model": "../etc"}, "model id"),
