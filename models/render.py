@@ -54,7 +54,7 @@ def _grid(tiles: torch.Tensor, padding: int = PAD, pad_value: float = 1.0, **kw:
     return make_grid(tiles, nrow=cols, padding=padding, pad_value=pad_value, **kw)
 
 
-def _upscale(x: torch.Tensor, scale: int) -> torch.Tensor:
+def upscale(x: torch.Tensor, scale: int) -> torch.Tensor:
     """Nearest-neighbour upscaling of the last two dimensions by an integer factor."""
     return x if scale == 1 else x.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
 
@@ -136,7 +136,7 @@ def filters_channels_png(
     m = float(w.abs().max())
     panels = []
     for c in chosen:
-        tiles = _upscale(seismic(w[:, c], m).permute(0, 3, 1, 2), s)  # (out, 3, kh*s, kw*s)
+        tiles = upscale(seismic(w[:, c], m).permute(0, 3, 1, 2), s)  # (out, 3, kh*s, kw*s)
         panels.append(_grid(tiles, padding))
     return png_bytes(_grid(torch.stack(panels), 4 * padding))
 
@@ -157,7 +157,13 @@ def filters_rgb_png(weight: torch.Tensor, scale: int | None = None, padding: int
     w = weight.detach().float().cpu()
     s = scale or auto_scale(w.shape[2], w.shape[3])
     m = float(w.abs().max()) or 1.0
-    return png_bytes(_grid(_upscale(w, s), padding, normalize=True, value_range=(-m, m)))
+    return png_bytes(_grid(upscale(w, s), padding, normalize=True, value_range=(-m, m)))
+
+
+def labelled_grid_png(tiles: torch.Tensor, labels: Sequence[str], scale: int = 1) -> bytes:
+    """Tiles (n, 3, h, w) in [0, 1], upscaled nearest-neighbour by `scale`, on a grid, each labelled in a corner."""
+    big = upscale(tiles, scale)
+    return _label(_grid(big), labels, big.shape[-2], big.shape[-1], PAD)
 
 
 def _label(grid: torch.Tensor, texts: Sequence[str], tile_h: int, tile_w: int, padding: int) -> bytes:
@@ -199,7 +205,7 @@ def activation_grid_png(
     )
     a = (a - lo.view(-1, 1, 1)) / (hi - lo).clamp_min(1e-12).view(-1, 1, 1)
     s = scale or auto_scale(a.shape[1], a.shape[2])
-    grid = _grid(_upscale(a, s).unsqueeze(1).expand(-1, 3, -1, -1), padding)
+    grid = _grid(upscale(a, s).unsqueeze(1).expand(-1, 3, -1, -1), padding)
     if labels is None:
         return png_bytes(grid)
     if len(labels) != a.shape[0]:
@@ -235,7 +241,7 @@ def projection_grid_png(
         tiles = torch.cat([shown.view(1, *tiles.shape[1:]), tiles])
         labels = None if labels is None else ["input", *labels]
     s = scale or auto_scale(tiles.shape[2], tiles.shape[3])
-    grid = _grid(_upscale(tiles, s), padding)
+    grid = _grid(upscale(tiles, s), padding)
     if labels is None:
         return png_bytes(grid)
     if len(labels) != tiles.shape[0]:

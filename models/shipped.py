@@ -22,7 +22,9 @@ from models.device import resolve_device
 from models.runs import validate_run_id
 
 SHIPPED_DIR = Path(__file__).parent / "weights"
-SHIPPED_ID = "convlens-resnet18-cifar10"
+SHIPPED_ID = "convlens-resnet18-cifar10"  # the seed's stem at 48px: the default (16x cheaper to serve)
+CIFAR_STEM_ID = "convlens-resnet18-cifarstem-cifar10"  # the CIFAR stem (3x3 conv, no max-pool) at 32px
+SHIPPED_IDS = (SHIPPED_ID, CIFAR_STEM_ID)
 
 
 def limits(input_size: int = 32) -> list[str]:

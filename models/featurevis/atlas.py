@@ -299,15 +299,13 @@ def channel_image(store: AtlasStore, atlas_id: str, spec: AtlasSpec, layer: str,
 
 def sheet_png(channels: Sequence[int], images: torch.Tensor, scale: int) -> bytes:
     """The contact sheet: one tile per channel, labelled with its index, upscaled nearest-neighbour."""
-    tiles = render._upscale(images, scale)
-    h, w = tiles.shape[-2:]
-    return render._label(render._grid(tiles), [str(c) for c in channels], h, w, render.PAD)
+    return render.labelled_grid_png(images, [str(c) for c in channels], scale)
 
 
 def channel_png(image: torch.Tensor, scale: int) -> bytes:
     """One channel's image (3, H, W) as a PNG, upscaled nearest-neighbour (scale 1: the pixels as optimized, which
     /predict and /featuremaps take back exactly, up to 8-bit quantization)."""
-    return render.png_bytes(render._upscale(image, scale))
+    return render.png_bytes(render.upscale(image, scale))
 
 
 def dataset_color_cov(meta: dict[str, Any], data_root: Path) -> torch.Tensor:

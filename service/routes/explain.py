@@ -18,7 +18,7 @@ from models.explain import ALIASES, LAYER_METHODS, METHODS, PARAMS, Explanation,
 from models.resnet import LAYER_CHOICES, ResNet18, cam_layer, canonical_layer
 from service.deps import BatcherDep, ModelParam, RegistryDep, SettingsDep
 from service.grammar import METHODS_PATTERN, TARGET_PATTERN, explain_params_schema, parse_methods, parse_target
-from service.routes.visual import ERRORS, IMAGE_BODY, _one_image, _shown
+from service.routes.visual import ERRORS, IMAGE_BODY, one_image, shown
 
 router = APIRouter(tags=["explain"])
 
@@ -190,7 +190,7 @@ async def post_explain(
     extra, unused = method_params(request, methods)
     loaded = await registry.aget(model)
     tgt = parse_target(target, loaded.classes)
-    x, u8 = await _one_image(request, settings, loaded)
+    x, u8 = await one_image(request, settings, loaded)
     net: ResNet18 = loaded.model  # type: ignore[assignment]
     canon = canon or cam_layer(net.stem, int(loaded.meta.get("input_size", 32)))
     mean, std = loaded.meta["mean"], loaded.meta["std"]
@@ -233,7 +233,7 @@ def _answer(
         }
         return JSONResponse(body, headers=headers)
     heat0 = first.heatmap[0].detach().float().cpu()
-    img = _shown(u8, (heat0.shape[-2], heat0.shape[-1]))
+    img = shown(u8, (heat0.shape[-2], heat0.shape[-1]))
     if d.view == "overlay":
         png = explain_render.overlay_png(img, heat0, d.cmap, d.alpha, d.size)
     elif d.view == "heatmap":

@@ -91,11 +91,11 @@ ScaleQ = Annotated[
 ]
 
 
-def _headers(loaded: LoadedModel, **extra: Any) -> dict[str, str]:
+def model_headers(loaded: LoadedModel, **extra: Any) -> dict[str, str]:
     return {"X-ConvLens-Model": loaded.id, **{f"X-ConvLens-{k.title()}": str(v) for k, v in extra.items()}}
 
 
-def _respond(
+def respond(
     fmt: Format,
     loaded: LoadedModel,
     png: Any,
@@ -105,7 +105,7 @@ def _respond(
     headers: dict[str, str] | None = None,
 ) -> Response:
     """One of the three formats; `png` is a thunk (only the PNG answer pays for drawing)."""
-    hdrs = {**_headers(loaded), **(headers or {})}
+    hdrs = {**model_headers(loaded), **(headers or {})}
     if fmt == "npy":
         hdrs["Content-Disposition"] = f'attachment; filename="{name}.npy"'
         hdrs["X-ConvLens-Shape"] = ",".join(str(d) for d in tensor.shape)
@@ -120,7 +120,7 @@ def _respond(
     return Response(png(), media_type="image/png", headers=hdrs)
 
 
-async def _one_image(request: Request, settings: SettingsDep, loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+async def one_image(request: Request, settings: SettingsDep, loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """The request's single image as (normalised network input (1, 3, H, W), uint8 (3, s, s) for display)."""
     uploads = await read_uploads(request, settings.max_upload_bytes, 1, field_name="file")
     limits = ImageLimits(settings.max_upload_bytes, settings.max_image_pixels)
@@ -128,7 +128,7 @@ async def _one_image(request: Request, settings: SettingsDep, loaded: LoadedMode
     return normalize_batch(u8.unsqueeze(0), loaded.meta), u8
 
 
-def _shown(u8: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def shown(u8: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The input as the network saw it, in [0, 1] at the projections' size (for side-by-side figures)."""
     img = u8.float() / 255
     if tuple(img.shape[-2:]) != size:
@@ -203,7 +203,7 @@ async def get_filters(
 
     info = {"layer": name, "max_abs": float(w.abs().max())}
     data = w if chosen is None else w[:, chosen]
-    return await run_in_threadpool(_respond, format, loaded, png, data, info, f"filters-{name}", headers)
+    return await run_in_threadpool(respond, format, loaded, png, data, info, f"filters-{name}", headers)
 
 
 # ---- POST /featuremaps -----------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ async def post_featuremaps(
     canon = canonical_layer(layer)
     spec = parse_channels(channels)
     loaded = await registry.aget(model)
-    x, _ = await _one_image(request, settings, loaded)
+    x, _ = await one_image(request, settings, loaded)
     net: ResNet18 = loaded.model  # type: ignore[assignment]
     act = (await batcher.call(lambda: feature_maps(net, x[0], canon))).cpu()
     chosen = select_channels(spec, act.flatten(1).amax(1))
@@ -245,7 +245,7 @@ async def post_featuremaps(
 
     info = {"layer": canon, "channels": chosen}
     return await run_in_threadpool(
-        _respond, format, loaded, png, sub, info, f"featuremaps-{canon}", {"X-ConvLens-Channels": _csv(chosen)}
+        respond, format, loaded, png, sub, info, f"featuremaps-{canon}", {"X-ConvLens-Channels": _csv(chosen)}
     )
 
 
@@ -294,14 +294,14 @@ async def post_reconstruct(
     canon = canonical_layer(layer)
     spec = parse_channels(channels)
     loaded = await registry.aget(model)
-    x, u8 = await _one_image(request, settings, loaded)
+    x, u8 = await one_image(request, settings, loaded)
     net: ResNet18 = loaded.model  # type: ignore[assignment]
     rec = await batcher.call(lambda: reconstruct(net, x[0], canon, spec, mode, seed, rule, shortcut))
     proj = rec.projections.cpu()
     labels = [f"{c}" for c in rec.channels] if mode == "each" else [f"{len(rec.channels)} ch"]
 
     def png() -> bytes:
-        return render.projection_grid_png(proj, _shown(u8, (proj.shape[-2], proj.shape[-1])), labels, scale)
+        return render.projection_grid_png(proj, shown(u8, (proj.shape[-2], proj.shape[-1])), labels, scale)
 
     info = {
         "layer": canon,
@@ -317,7 +317,7 @@ async def post_reconstruct(
     }
     rows, cols = render.grid_shape(proj.shape[0] + 1)  # the input is the first tile: the page maps clicks with it
     headers = {"X-ConvLens-Channels": _csv(rec.channels), "X-ConvLens-Grid": f"{rows},{cols}"}
-    return await run_in_threadpool(_respond, format, loaded, png, proj, info, f"reconstruct-{canon}", headers)
+    return await run_in_threadpool(respond, format, loaded, png, proj, info, f"reconstruct-{canon}", headers)
 
 
 # ---- GET /topk -------------------------------------------------------------------------------------------------
@@ -415,7 +415,7 @@ async def get_topk(
     got = await run_in_threadpool(svc.get, loaded)
     if isinstance(got, Build):
         code = 503 if got.error else 202
-        return JSONResponse(got.as_json(), status_code=code, headers={"Retry-After": "2", **_headers(loaded)})
+        return JSONResponse(got.as_json(), status_code=code, headers={"Retry-After": "2", **model_headers(loaded)})
     n = got.values[canon].shape[0] if canon in got.values else 0
     if not 0 <= channel < n:
         raise NoSuchChannel(f"channel {channel} is out of range for {canon}; valid channels are 0..{n - 1}")
@@ -425,7 +425,9 @@ async def get_topk(
 
     def draw() -> Response:
         if format == "png":
-            return Response(render.topk_png(patches, projs, tile), media_type="image/png", headers=_headers(loaded))
+            return Response(
+                render.topk_png(patches, projs, tile), media_type="image/png", headers=model_headers(loaded)
+            )
         if images:
             for h, patch, p in zip(hits, patches, projs, strict=True):
                 h["patch_png"] = _data_url(render.png_bytes(patch))
@@ -442,6 +444,6 @@ async def get_topk(
             "num_images": got.num_images,
             "hits": hits,
         }
-        return JSONResponse(body, headers=_headers(loaded))
+        return JSONResponse(body, headers=model_headers(loaded))
 
     return await run_in_threadpool(draw)

@@ -57,7 +57,7 @@ from service.deps import ModelParam, RegistryDep
 from service.grammar import CHANNEL_LIST_PATTERN, MAX_CHANNELS_CHARS, parse_channels
 from service.images import DATASET_IMAGE_SIZE
 from service.registry import LoadedModel
-from service.routes.visual import ERRORS, PNG_NPY_JSON, FormatQ, LayerQ, _headers, _respond
+from service.routes.visual import ERRORS, PNG_NPY_JSON, FormatQ, LayerQ, model_headers, respond
 from service.topk import Build, build_lock, examples_split
 
 log = logging.getLogger("convlens.featurevis")
@@ -344,8 +344,7 @@ def sheet_png(fv: FeatureVis, scale: int) -> bytes:
     """The images as one labelled grid (channel, or channel/copy with diversity), upscaled nearest-neighbour."""
     tiles = fv.images.flatten(0, 1) if fv.diversity else fv.images
     labels = [f"{c}/{j}" for c in fv.channels for j in range(fv.diversity)] if fv.diversity else fv.channels
-    tiles = render._upscale(tiles, scale)
-    return render._label(render._grid(tiles), [str(t) for t in labels], tiles.shape[-2], tiles.shape[-1], render.PAD)
+    return render.labelled_grid_png(tiles, [str(t) for t in labels], scale)
 
 
 def _info(fv: FeatureVis) -> dict[str, Any]:
@@ -425,13 +424,13 @@ async def get_visualize(
         if isinstance(got.exc, ConvLensError):
             raise got.exc
         if got.result is None:  # a bug (logged where it happened) or a stop at exit: the next request tries again
-            return JSONResponse(got.as_json(), status_code=503, headers={"Retry-After": "2", **_headers(loaded)})
+            return JSONResponse(got.as_json(), status_code=503, headers={"Retry-After": "2", **model_headers(loaded)})
         got = got.result
     if isinstance(got, Job):
         body = {**got.as_json(), "detail": f"computing {params.images} images x {params.steps} steps; retry shortly"}
-        return JSONResponse(body, status_code=202, headers={"Retry-After": "2", **_headers(loaded)})
+        return JSONResponse(body, status_code=202, headers={"Retry-After": "2", **model_headers(loaded)})
     fv = got
     headers = {"X-ConvLens-Channels": ",".join(map(str, fv.channels)), "X-ConvLens-Cache": "hit" if hit else "miss"}
     return await run_in_threadpool(
-        _respond, format, loaded, lambda: sheet_png(fv, scale), fv.images, _info(fv), f"visualize-{fv.layer}", headers
+        respond, format, loaded, lambda: sheet_png(fv, scale), fv.images, _info(fv), f"visualize-{fv.layer}", headers
     )
