@@ -30,3 +30,12 @@ post explain-all.png "/explain?method=all"
 get confusion.png "/models/convlens-resnet18-cifar10/confusion.png"
 until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/topk?layer=layer4")" = 200 ]; do sleep 1; done
 get topk-layer4.png "/topk?layer=layer4&channel=${FIGURE_CHANNEL:-7}&k=9&format=png&tile=48"
+
+# The two shipped models side by side on the same image: conv1's filters, layer1's maps, projections of the
+# deepest layer, Grad-CAM at each model's own cam_layer (GET /models/{id}).
+for M in convlens-resnet18-cifar10 convlens-resnet18-cifarstem-cifar10; do
+  get "side-$M-filters.png" "/filters?layer=conv1&method=rgb&scale=6&model=$M"
+  post "side-$M-featuremaps.png" "/featuremaps?layer=layer1&channels=0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15&scale=3&model=$M"
+  post "side-$M-reconstruct.png" "/reconstruct?layer=layer4&channels=top:8&scale=3&model=$M"
+  post "side-$M-gradcam.png" "/explain?method=gradcam&view=overlay&size=192&model=$M"
+done

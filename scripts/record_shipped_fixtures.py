@@ -1,10 +1,11 @@
 """Record the shipped model's answers on a fixed handful of real CIFAR-10 test images, as test fixtures.
 
-    .venv/bin/python scripts/record_shipped_fixtures.py [--data var/data] [--n 40]
+    .venv/bin/python scripts/record_shipped_fixtures.py [--data var/data] [--n 40] [--model ID]
 
-Writes tests/fixtures/cifar10-test/<index>-<class>.png (the first n test images, PNG) and expected.json (the
-shipped model's probabilities for each, through the service's own decode path). tests/service/
-test_shipped_real.py checks that the committed model still gives these answers. Rerun after shipping a new model.
+Writes tests/fixtures/cifar10-test/<index>-<class>.png (the first n test images, PNG) and expected.json
+(expected-<ID>.json for a shipped model other than the default): the model's probabilities for each, through the
+service's own decode path. tests/service/test_shipped_real.py checks that each committed model still gives these
+answers. Rerun after shipping a new model.
 """
 
 from __future__ import annotations
@@ -24,22 +25,26 @@ sys.path.insert(0, str(ROOT))
 
 from models.checkpoints import load_checkpoint  # noqa: E402
 from models.data import load_cifar  # noqa: E402
-from models.shipped import SHIPPED_DIR, SHIPPED_ID  # noqa: E402
+from models.shipped import SHIPPED_DIR, SHIPPED_ID, SHIPPED_IDS  # noqa: E402
 from service.images import ImageLimits, prepare  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "cifar10-test"
+
+
+def expected_name(model_id: str) -> str:
+    """The fixture file of a shipped model's answers (the default model's keeps its first name)."""
+    return "expected.json" if model_id == SHIPPED_ID else f"expected-{model_id}.json"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT / "var" / "data"))
     ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--model", default=SHIPPED_ID, choices=SHIPPED_IDS)
     a = ap.parse_args()
     test = load_cifar(a.data, "cifar10", train=False)
-    model, meta = load_checkpoint(SHIPPED_DIR / SHIPPED_ID)
+    model, meta = load_checkpoint(SHIPPED_DIR / a.model)
     OUT.mkdir(parents=True, exist_ok=True)
-    for old in OUT.glob("*.png"):
-        old.unlink()
     records = []
     for i in range(a.n):
         label = int(test.labels[i])
@@ -52,8 +57,8 @@ def main() -> None:
         records.append(
             {"file": name, "label": label, "predicted": int(probs.argmax()), "probabilities": probs.tolist()}
         )
-    doc = {"model": SHIPPED_ID, "sha256": meta["sha256"], "images": records}
-    (OUT / "expected.json").write_text(json.dumps(doc, indent=1))
+    doc = {"model": a.model, "sha256": meta["sha256"], "images": records}
+    (OUT / expected_name(a.model)).write_text(json.dumps(doc, indent=1))
     right = sum(r["label"] == r["predicted"] for r in records)
     print(f"wrote {len(records)} fixtures to {OUT} ({right}/{len(records)} correct)")
 

@@ -185,7 +185,7 @@ def test_endpoints_while_a_job_runs_on_a_real_worker(tmp_path: Path, synthetic_d
             assert client.get("/jobs/live/filters", params={"epoch": 0, "format": "npy"}).status_code == 200
             assert client.get("/jobs/live/filters", params={"epoch": 1, "diff": 1}).status_code == 200
             r = client.get("/jobs/live/filters", params={"epoch": 999})
-            assert r.status_code == 422 and "snapshots for epochs 0.." in r.json()["detail"]
+            assert r.status_code == 404 and "snapshots for epochs 0.." in r.json()["detail"]
             gif = client.get("/jobs/live/filters.gif")
             assert getattr(image(gif), "n_frames", 1) == int(gif.headers["x-convlens-frames"]) >= hi + 1
             layers = client.get("/jobs/live/layers").json()
