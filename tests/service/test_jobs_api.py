@@ -70,7 +70,7 @@ def events(client: httpx.Client, rid: str, stop_after: int | None = None, last_i
         ({"dataset": "mnist"}, "dataset"),
         ({"optimizer": "rmsprop"}, "optimizer"),
         ({"schedule": "step"}, "schedule"),
-        ({"milestones": [15, 10]}, "milestones"),
+        ({"milestones": [15, 0]}, "milestones"),
         ({"gamma": 2}, "gamma"),
         ({"crop": "maybe"}, "crop"),
         ({"val_size": -1}, "val_size"),
