@@ -1,10 +1,10 @@
 // ConvLens's web page: predict, look inside, explain, train and choose models, all over the public HTTP API.
 
 import { ApiError, bindKey, getJSON, imageForm, imageURL, request } from "./api.js";
+import { $, el } from "./dom.js";
 import { LineChart } from "./chart.js";
 import { followEvents } from "./sse.js";
 
-const $ = (sel, root = document) => root.querySelector(sel);
 const WATCH_STORE = "convlens.watchJob";
 const ACTIVE = new Set(["queued", "running"]);
 
@@ -19,19 +19,6 @@ const state = {
 };
 
 // ---- small helpers --------------------------------------------------------------------------------------------
-
-function el(tag, attrs = {}, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === "class") e.className = v;
-    else if (k === "text") e.textContent = v;
-    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else e.setAttribute(k, v === true ? "" : v);
-  }
-  for (const c of children) if (c !== null && c !== undefined) e.append(c);
-  return e;
-}
 
 function model() {
   return $("#model-select").value || undefined;
@@ -741,7 +728,9 @@ async function watchJob(id) {
   }
   status.textContent = `Following job ${id}...`;
   lapseFollow();
-  await followEvents(`/jobs/${encodeURIComponent(id)}/events?after_step=${after}`, {
+  // From one step back: an epoch record written just after the backfill read its step would be skipped by a
+  // stream that starts after that step; a record seen twice replaces its point.
+  await followEvents(`/jobs/${encodeURIComponent(id)}/events?after_step=${Math.max(-1, after - 1)}`, {
     signal: abort.signal,
     onEvent(name, data) {
       if (name === "epoch") lapseFollow(); // its snapshot and statistics are written before its record

@@ -40,9 +40,14 @@ export class LineChart {
     this.schedule();
   }
 
+  /** One point; a point at an x the series has already (a record delivered twice) replaces it. */
   add(key, x, y) {
     if (!Number.isFinite(x) || !Number.isFinite(y) || !this.data.has(key)) return;
-    this.data.get(key).push([x, y]);
+    const pts = this.data.get(key);
+    let i = pts.length - 1;
+    while (i >= 0 && pts[i][0] > x) i--; // records come in order: a repeat sits at the tail
+    if (i >= 0 && pts[i][0] === x) pts[i] = [x, y];
+    else pts.splice(i + 1, 0, [x, y]);
     this.schedule();
   }
 

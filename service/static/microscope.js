@@ -4,8 +4,8 @@
 // deconvnet projections.
 
 import { ApiError, getJSON, imageForm, imageURL, request } from "./api.js";
+import { $, el } from "./dom.js";
 
-const $ = (sel, root = document) => root.querySelector(sel);
 const LAYERS = [
   ["conv1", "conv1"],
   ["layer1", "layer1 (conv2_x)"],
@@ -24,18 +24,6 @@ const POLL_MS = 1500;
 
 const ms = { gen: 0, detailGen: 0, params: null, atlas: null, grid: null, done: [], sheetChunks: -1 };
 
-function el(tag, attrs = {}, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === "class") e.className = v;
-    else if (k === "text") e.textContent = v;
-    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else e.setAttribute(k, v === true ? "" : v);
-  }
-  for (const c of children) if (c !== null && c !== undefined) e.append(c);
-  return e;
-}
 
 const model = () => $("#model-select")?.value || undefined;
 const errorText = (e) => (e instanceof ApiError ? e.message : `unexpected error: ${e.message || e}`);

@@ -1,8 +1,8 @@
 // Sweeps (a table of training runs, filling in live) and two models compared, over the public HTTP API only.
 
 import { ApiError, getJSON, imageURL, request } from "./api.js";
+import { $, el } from "./dom.js";
 
-const $ = (sel, root = document) => root.querySelector(sel);
 const ACTIVE = new Set(["queued", "running"]);
 const PRESETS = { "seed-table2": "seed-table2: the seed's Table 2 (9 rows, 20 epochs each)" };
 const EXAMPLE_BASE = '{"epochs": 5}';
@@ -19,20 +19,7 @@ const state = {
   compareGen: 0,
 };
 
-// ---- small helpers (as app.js's, which keeps its own) -------------------------------------------------------------
-
-function el(tag, attrs = {}, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === "class") e.className = v;
-    else if (k === "text") e.textContent = v;
-    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else e.setAttribute(k, v === true ? "" : v);
-  }
-  for (const c of children) if (c !== null && c !== undefined && c !== false) e.append(c);
-  return e;
-}
+// ---- small helpers ----------------------------------------------------------------------------------------------
 
 function pct(v) {
   return v === null || v === undefined ? "" : `${(v * 100).toFixed(1)}%`;

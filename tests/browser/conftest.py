@@ -138,3 +138,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = outcome.get_result()  # type: ignore[attr-defined]
     if rep.when == "call":
         item.rep_call = rep  # type: ignore[attr-defined]
+
+
+def wait_loaded(page: Any, selector: str, timeout: float = 30_000) -> None:
+    """Every <img> the selector matches is shown and has loaded a picture of non-zero size (`page`: playwright's)."""
+    page.wait_for_function(
+        """sel => {
+            const imgs = [...document.querySelectorAll(sel)];
+            const ok = i => !i.hidden && i.complete && i.naturalWidth > 0 && i.naturalHeight > 0;
+            return imgs.length > 0 && imgs.every(ok);
+        }""",
+        arg=selector,
+        timeout=timeout,
+    )

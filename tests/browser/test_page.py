@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.browser.conftest import API_KEY, Live, browser_missing
+from tests.browser.conftest import API_KEY, Live, browser_missing, wait_loaded
 
 if (why := browser_missing()) is not None:
     pytest.skip(why, allow_module_level=True)
@@ -28,19 +28,6 @@ def sample_png(synthetic_data: Path, index: int) -> bytes:
     """A synthetic CIFAR-10 test image as PNG bytes."""
     ds = load_cifar(synthetic_data, "cifar10", train=False)
     return png_bytes(ds.images[index].permute(1, 2, 0).numpy())
-
-
-def wait_loaded(page: Page, selector: str, timeout: float = 30_000) -> None:
-    """The <img> (every one the selector matches) has loaded a picture of non-zero size."""
-    page.wait_for_function(
-        """sel => {
-            const imgs = [...document.querySelectorAll(sel)];
-            const ok = i => !i.hidden && i.complete && i.naturalWidth > 0 && i.naturalHeight > 0;
-            return imgs.length > 0 && imgs.every(ok);
-        }""",
-        arg=selector,
-        timeout=timeout,
-    )
 
 
 def natural_size(page: Page, selector: str) -> tuple[int, int]:

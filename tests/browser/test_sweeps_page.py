@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.browser.conftest import API_KEY, Live, browser_missing
+from tests.browser.conftest import API_KEY, Live, browser_missing, wait_loaded
 
 if (why := browser_missing()) is not None:
     pytest.skip(why, allow_module_level=True)
@@ -26,19 +26,6 @@ PHONE: ViewportSize = {"width": 390, "height": 844}
 # One epoch of 4 steps on the synthetic data, each logged.
 TINY = {"epochs": 1, "batch_size": 50, "train_limit": 200, "val_size": 50, "log_every": 1, "milestones": []}
 KEY = {"X-API-Key": API_KEY}
-
-
-def wait_loaded(page: Page, selector: str, timeout: float = 30_000) -> None:
-    """The <img> (every one the selector matches) has loaded a picture of non-zero size."""
-    page.wait_for_function(
-        """sel => {
-            const imgs = [...document.querySelectorAll(sel)];
-            const ok = i => !i.hidden && i.complete && i.naturalWidth > 0 && i.naturalHeight > 0;
-            return imgs.length > 0 && imgs.every(ok);
-        }""",
-        arg=selector,
-        timeout=timeout,
-    )
 
 
 def pct(v: float | None) -> str:
