@@ -1,10 +1,11 @@
-"""Nothing lost when a worker dies: run leases, and a reconciler that re-queues what the broker forgot.
+"""Nothing lost when a worker dies: job leases, one delivery rule, and a reconciler that re-sends what the broker
+forgot, for every kind of queued job (training runs and atlases: a `JobKind` each).
 
-The run store is the source of truth. A worker holds a lease file in a run's folder while it trains it (created
-exclusively, refreshed by a thread). On worker start (and every `reconcile_interval_s`), runs marked running
-whose lease is dead are re-queued from their checkpoint (failed after `max_attempts` lost workers), and queued
-runs with no message in the broker are sent again: a SIGKILLed worker's message is gone with the file queue,
-parked for days in Redis' unacked set, or wiped by a Redis restart.
+The run store is the source of truth. A worker holds a lease file in a job's folder while it works on it
+(created exclusively, refreshed by a thread). On worker start (and every `reconcile_interval_s`), jobs marked
+running whose lease is dead are re-queued to resume (failed after `max_attempts` lost workers), and queued jobs
+with no message in the broker are sent again: a SIGKILLed worker's message is gone with the file queue, parked
+for days in Redis' unacked set, or wiped by a Redis restart.
 """
 
 from __future__ import annotations
@@ -20,17 +21,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from kombu.transport import filesystem
 
-from jobqueue.app import send_train
+from jobqueue.app import send_atlas, send_train
+from jobqueue.contract import ATLAS_TASK, TERMINAL, TRAIN_TASK
 from jobqueue.contract import LEASE_FILE as LEASE
-from jobqueue.contract import TRAIN_TASK
 from models.runs import RunStore
 from worker.settings import WorkerSettings, get_worker_settings
+
+if TYPE_CHECKING:
+    from models.featurevis.atlas import AtlasStore
 
 log = logging.getLogger("convlens.reconcile")
 
@@ -142,36 +146,131 @@ class Lease:
         self.release()
 
 
-def record_lost(store: RunStore, run: dict[str, Any], reason: str, max_attempts: int) -> dict[str, Any]:
-    """Count a lost worker on a run we now hold: back to queued, or cancelled/failed (bounded attempts)."""
-    rid, lost = run["id"], int(run.get("lost", 0)) + 1
-    epoch = (run.get("progress") or {}).get("epoch")
-    if store.cancel_requested(rid):
-        return store.update_run(rid, status="cancelled", lost=lost, finished=time.time())
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of queued job as leases, deliveries and the reconciler see it: its records in the run store, the
+    Celery task its messages carry, and how to send one again."""
+
+    name: str  # "run", "atlas": for log lines
+    task: str
+    records: Callable[[], list[dict[str, Any]]]
+    dir: Callable[[str], Path]
+    read: Callable[[str], dict[str, Any]]
+    update: Callable[..., dict[str, Any]]
+    cancel_requested: Callable[[str], bool]
+    send: Callable[[Celery, str], None]
+    resumes: str  # how a re-queued job resumes, for the log
+    requeued_progress: Callable[[dict[str, Any], str], dict[str, Any]]
+
+
+def run_jobs(store: RunStore) -> JobKind:
+    """Training runs: a re-queued run's progress keeps only the epoch it resumes after."""
+    return JobKind(
+        "run", TRAIN_TASK, store.list_runs, store.run_dir, store.read_run, store.update_run, store.cancel_requested,
+        send_train, "from its last checkpoint",
+        lambda rec, why: {"phase": "requeued", "reason": why, "epoch": (rec.get("progress") or {}).get("epoch")},
+    )  # fmt: skip
+
+
+def atlas_jobs(store: AtlasStore) -> JobKind:
+    """Atlases: a re-queued atlas keeps its chunk counts (its finished chunks stay on disk and are served)."""
+    return JobKind(
+        "atlas", ATLAS_TASK, store.list_atlases, store.dir, store.read, store.update, store.cancel_requested,
+        send_atlas, "to resume after its last finished chunk",
+        lambda rec, why: {**(rec.get("progress") or {}), "phase": "requeued", "reason": why},
+    )  # fmt: skip
+
+
+def atlas_store(home: Path) -> AtlasStore:
+    from models.featurevis.atlas import AtlasStore  # torch: not at worker start
+
+    return AtlasStore(home)
+
+
+def job_kinds(settings: WorkerSettings) -> list[JobKind]:
+    """Every kind of job a worker of this queue takes, over its run store."""
+    return [run_jobs(RunStore(settings.home)), atlas_jobs(atlas_store(settings.home))]
+
+
+def record_lost(jobs: JobKind, rec: dict[str, Any], reason: str, max_attempts: int) -> dict[str, Any]:
+    """Count a lost worker on a job we now hold: back to queued, or cancelled, or failed (bounded attempts)."""
+    jid, lost = rec["id"], int(rec.get("lost", 0)) + 1
+    if jobs.cancel_requested(jid):
+        return jobs.update(jid, status="cancelled", lost=lost, finished=time.time())
     if lost >= max_attempts:
         error = f"worker lost {lost} times (last: {reason}); gave up after CONVLENS_MAX_ATTEMPTS={max_attempts}"
-        log.error("run %s: %s", rid, error)
-        return store.update_run(rid, status="failed", lost=lost, error=error, finished=time.time())
-    log.warning("run %s: %s; re-queued from its last checkpoint (lost %d of %d)", rid, reason, lost, max_attempts)
-    progress = {"phase": "requeued", "reason": reason, "epoch": epoch}
-    return store.update_run(rid, status="queued", lost=lost, progress=progress)
+        log.error("%s %s: %s", jobs.name, jid, error)
+        return jobs.update(jid, status="failed", lost=lost, error=error, finished=time.time())
+    log.warning(
+        "%s %s: %s; re-queued %s (lost %d of %d)", jobs.name, jid, reason, jobs.resumes, lost,
+        max_attempts,
+    )  # fmt: skip
+    return jobs.update(jid, status="queued", lost=lost, progress=jobs.requeued_progress(rec, reason))
 
 
-def _task_id(raw: bytes | str) -> str | None:
-    """The task id of a raw kombu message (Celery protocol 2), if it is one of ours."""
+Outcome = Literal["done", "duplicate", "requeued", "lost"]
+
+
+def deliver(
+    jobs: JobKind,
+    settings: WorkerSettings,
+    job_id: str,
+    node: str,
+    execute: Callable[[dict[str, Any], Callable[[], bool]], dict[str, Any]],
+    send: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> tuple[dict[str, Any], Outcome]:
+    """One delivery of an unfinished job: take its lease (or drop a duplicate a live worker holds), count the
+    worker it was left running by as lost, run `execute(owner, should_stop)`, and hand it back to the queue if a
+    shutdown stopped it. Returns the job's record and what became of this delivery."""
+    if stop():  # a warm shutdown began, yet the consumer handed over one more message: give it back untouched
+        if send:
+            send(job_id)
+        return jobs.read(job_id), "requeued"
+    owner = owner_info(node)
+    lease = Lease.claim(jobs.dir(job_id), owner, settings)
+    if lease is None:
+        log.info("%s %s is held by a live worker; dropping this duplicate delivery", jobs.name, job_id)
+        return jobs.read(job_id), "duplicate"
+    with lease:
+        rec = jobs.read(job_id)  # again, now that no one else can write it
+        if rec.get("status") in TERMINAL:
+            return rec, "duplicate"
+        if rec.get("status") == "running":  # its worker died and no reconciler has seen it yet
+            gone = (rec.get("worker") or {}).get("node", "?")
+            rec = record_lost(jobs, rec, f"worker {gone} is gone", settings.max_attempts)
+            if rec["status"] != "queued":
+                return rec, "lost"
+        rec = execute(owner, lambda: stop() or lease.lost)
+    if rec["status"] == "queued" and not lease.lost:
+        log.warning("%s %s interrupted by shutdown; re-queued", jobs.name, job_id)
+        if send:
+            send(job_id)
+        return rec, "requeued"
+    return rec, "done"
+
+
+def flags(outcome: Outcome) -> dict[str, bool]:
+    """A delivery's outcome as its task summary states it (`duplicate: true`, `requeued: true`)."""
+    return {outcome: True} if outcome in ("duplicate", "requeued") else {}
+
+
+def _message_id(raw: bytes | str, task: str) -> str | None:
+    """The task id of a raw kombu message (Celery protocol 2) if it carries `task`."""
     try:
         msg = json.loads(raw)
     except ValueError:
         return None
-    headers = msg.get("headers") or {}
-    if headers.get("task") != TRAIN_TASK:
+    headers = msg.get("headers") if isinstance(msg, dict) else None
+    if not isinstance(headers, dict) or headers.get("task") != task:
         return None
     tid = headers.get("id") or (msg.get("properties") or {}).get("correlation_id")
     return str(tid) if tid else None
 
 
-def waiting_run_ids(app: Celery, queue: str) -> set[str] | None:
-    """Run ids with a message waiting in the queue (not ones being worked on); None if the broker can't say."""
+def waiting_ids(app: Celery, queue: str, task: str) -> set[str] | None:
+    """Ids of `task` jobs with a message waiting in the queue (not ones being worked on); None if the broker
+    cannot say (then nothing is re-sent)."""
     try:
         with app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=2)
@@ -187,7 +286,11 @@ def waiting_run_ids(app: Celery, queue: str) -> set[str] | None:
     except Exception as e:  # a broker that cannot be read now: re-send nothing rather than guess
         log.warning("cannot list queue %r: %s", queue, e)
         return None
-    return {t for t in map(_task_id, raws) if t}
+    return {t for t in (_message_id(r, task) for r in raws) if t}
+
+
+def waiting_run_ids(app: Celery, queue: str) -> set[str] | None:
+    return waiting_ids(app, queue, TRAIN_TASK)
 
 
 @dataclass
@@ -203,56 +306,60 @@ class Report:
         return bool(self.requeued or self.resent or self.failed or self.cancelled)
 
 
+def _recover(jobs: JobKind, settings: WorkerSettings, rec: dict[str, Any], node: str, now: float) -> str | None:
+    """A job marked running: if its lease is dead, take it and count the lost worker; its new status, or None."""
+    jid = str(rec.get("id", ""))
+    state, why = lease_state(jobs.dir(jid), settings.stale_heartbeat_s, now)
+    fresh = now - float(rec.get("heartbeat") or rec.get("updated") or 0) < settings.stale_heartbeat_s
+    if state == "alive" or (state == "absent" and fresh):
+        return None
+    lease = Lease.claim(jobs.dir(jid), owner_info(node), settings)
+    if lease is None:
+        return None  # another worker took it over just now
+    try:
+        return str(record_lost(jobs, jobs.read(jid), why, settings.max_attempts)["status"])
+    finally:
+        lease.release()
+
+
 def reconcile(
-    store: RunStore,
+    jobs: JobKind,
     settings: WorkerSettings,
     send: Callable[[str], None],
     waiting: Callable[[], set[str] | None],
     node: str = "reconciler",
     now: float | None = None,
 ) -> Report:
-    """One pass over this queue's runs: recover orphaned running runs, re-send queued runs the broker lost.
+    """One pass over this queue's jobs of one kind: recover orphaned running jobs, re-send queued jobs the broker
+    lost.
 
-    `waiting()` lists the broker's queue; it is read after the runs, so a run listed as queued was sent
+    `waiting()` lists the broker's queue; it is read after the records, so a job listed as queued was sent
     before the broker was read (or so recently that the grace period covers it).
     """
     now = now or time.time()
     report = Report()
-    runs = store.list_runs()
-    in_broker = waiting() if any(r.get("status") == "queued" for r in runs) else set()
-    for run in runs:
-        rid, status = run.get("id", ""), run.get("status")
-        if run.get("queue") != settings.queue:
+    records = jobs.records()
+    in_broker = waiting() if any(r.get("status") == "queued" for r in records) else set()
+    for rec in records:
+        jid, status = str(rec.get("id", "")), rec.get("status")
+        if rec.get("queue") != settings.queue:
             continue  # not sent through this queue (a `convlens train` run, or another queue's)
         if status == "running":
-            state, why = lease_state(store.run_dir(rid), settings.stale_heartbeat_s, now)
-            fresh = now - float(run.get("heartbeat") or run.get("updated") or 0) < settings.stale_heartbeat_s
-            if state == "alive" or (state == "absent" and fresh):
-                continue
-            lease = Lease.claim(store.run_dir(rid), owner_info(node), settings)
-            if lease is None:
-                continue  # another worker took it over just now
-            try:
-                run = record_lost(store, store.read_run(rid), why, settings.max_attempts)
-            finally:
-                lease.release()
-            if run["status"] == "queued":
-                send(rid)
-                report.requeued.append(rid)
-            elif run["status"] == "failed":
-                report.failed.append(rid)
-            else:
-                report.cancelled.append(rid)
-        elif status == "queued" and in_broker is not None and rid not in in_broker:
-            if now - float(run.get("updated") or 0) < settings.requeue_grace_s:
+            new = _recover(jobs, settings, rec, node, now)
+            if new == "queued":
+                send(jid)
+            if new is not None:
+                {"queued": report.requeued, "failed": report.failed}.get(new, report.cancelled).append(jid)
+        elif status == "queued" and in_broker is not None and jid not in in_broker:
+            if now - float(rec.get("updated") or 0) < settings.requeue_grace_s:
                 continue  # the API may be sending it right now
-            if store.cancel_requested(rid):
-                store.update_run(rid, status="cancelled", finished=now)
-                report.cancelled.append(rid)
+            if jobs.cancel_requested(jid):
+                jobs.update(jid, status="cancelled", finished=now)
+                report.cancelled.append(jid)
                 continue
-            log.warning("run %s is queued but has no message in %r; sending it again", rid, settings.queue)
-            send(rid)
-            report.resent.append(rid)
+            log.warning("%s %s is queued but has no message in %r; sending it again", jobs.name, jid, settings.queue)
+            send(jid)
+            report.resent.append(jid)
     return report
 
 
@@ -266,16 +373,18 @@ def prune_processed(settings: WorkerSettings, older_than_s: float = 24 * 3600) -
                 p.unlink()
 
 
-def reconcile_now(app: Celery, settings: WorkerSettings, node: str) -> Report:
-    """A reconcile pass against this app's broker, logging what it did."""
-    store = RunStore(settings.home)
-    send = lambda rid: send_train(app, rid)  # noqa: E731
-    report = reconcile(store, settings, send, lambda: waiting_run_ids(app, settings.queue), node)
-    if report:
-        log.warning("reconcile: %s", report)
+def reconcile_now(app: Celery, settings: WorkerSettings, node: str) -> dict[str, Report]:
+    """A reconcile pass over every kind of job against this app's broker, logging what it did."""
+    reports = {}
+    for jobs in job_kinds(settings):
+        send = lambda jid, jobs=jobs: jobs.send(app, jid)  # noqa: E731
+        waiting = lambda task=jobs.task: waiting_ids(app, settings.queue, task)  # noqa: E731
+        reports[jobs.name] = report = reconcile(jobs, settings, send, waiting, node)
+        if report:
+            log.warning("reconcile (%s jobs): %s", jobs.name, report)
     if not settings.broker_url:
         prune_processed(settings)
-    return report
+    return reports
 
 
 class _Periodic:

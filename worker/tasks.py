@@ -17,7 +17,7 @@ from jobqueue.contract import TERMINAL, TRAIN_TASK
 from models.config import TrainConfig
 from models.runs import RunStore, validate_run_id
 from worker.celery_app import worker_app
-from worker.reconcile import Lease, owner_info, record_lost
+from worker.reconcile import deliver, flags, run_jobs
 from worker.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger("convlens.tasks")
@@ -62,46 +62,20 @@ def run_job(
         TrainConfig.model_validate(run["config"])
     except ValidationError as e:
         return _summary(store.update_run(run_id, status="failed", error=f"invalid config: {e}", finished=time.time()))
-    if stop():
-        # A warm shutdown has begun, yet the consumer handed over one more message: give it back untouched.
-        if send:
-            send(run_id)
-        return _summary(run, requeued=True)
-    owner = owner_info(node)
-    lease = Lease.claim(store.run_dir(run_id), owner, settings)
-    if lease is None:
-        log.info("run %s is held by a live worker; dropping this duplicate delivery", run_id)
-        return _summary(run, duplicate=True)
-    with lease:
-        run = store.read_run(run_id)  # again, now that no one else can write it
-        if run["status"] in TERMINAL:
-            return _summary(run, duplicate=True)
-        if run["status"] == "running":  # its worker died and no reconciler has seen it yet
-            gone = (run.get("worker") or {}).get("node", "?")
-            run = record_lost(store, run, f"worker {gone} is gone", settings.max_attempts)
-            if run["status"] != "queued":
-                return _summary(run)
+
+    def execute(owner: dict[str, Any], should_stop: Callable[[], bool]) -> dict[str, Any]:
         store.update_run(run_id, worker=owner)
         from worker.jobs import execute_run  # torch and the trainer: only in the process that trains
 
-        run = execute_run(
-            store,
-            run_id,
-            settings.data_root,
-            device=settings.device,
-            on_progress=report,
-            stop_requested=lambda: stop() or lease.lost,
-            tensorboard=settings.tensorboard,
-        )
-    if run["status"] == "queued" and not lease.lost:
-        # Stopped by a worker shutdown after its last checkpoint: hand it back to the queue.
-        log.warning("run %s interrupted by shutdown; re-queued", run_id)
-        if send:
-            send(run_id)
-        return _summary(run, requeued=True)
-    if run["status"] == "failed":
+        return execute_run(
+            store, run_id, settings.data_root, device=settings.device, on_progress=report,
+            stop_requested=should_stop, tensorboard=settings.tensorboard,
+        )  # fmt: skip
+
+    run, outcome = deliver(run_jobs(store), settings, run_id, node, execute, send, stop)
+    if outcome == "done" and run["status"] == "failed":
         raise TrainingFailed(f"run {run_id}: {run.get('error')}")
-    return _summary(run)
+    return _summary(run, **flags(outcome))
 
 
 def _report_progress(task: Task, progress: dict[str, Any]) -> None:
@@ -112,16 +86,27 @@ def _report_progress(task: Task, progress: dict[str, Any]) -> None:
         log.warning("progress report failed: %s", e)
 
 
-@app.task(name=TRAIN_TASK, bind=True)
-def train(self: Task, run_id: str) -> dict[str, Any]:
-    """Train (or resume) the run `run_id` of the run store."""
+def begin(task: Task, kind: str, job_id: str) -> tuple[WorkerSettings, str]:
+    """What every task does first: this worker's settings and torch threads, and its node name, logged."""
     settings = get_worker_settings()
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    node = str(self.request.hostname or "worker")
-    log.info("job %s taken by %s", run_id, node)
+    node = str(task.request.hostname or "worker")
+    log.info("%s %s taken by %s", kind, job_id, node)
+    return settings, node
+
+
+def ended(kind: str, job_id: str, summary: dict[str, Any]) -> dict[str, Any]:
+    log.info("%s %s %s", kind, job_id, "re-queued" if summary.get("requeued") else summary.get("status"))
+    return summary
+
+
+@app.task(name=TRAIN_TASK, bind=True)
+def train(self: Task, run_id: str) -> dict[str, Any]:
+    """Train (or resume) the run `run_id` of the run store."""
+    settings, node = begin(self, "job", run_id)
     summary = run_job(
         RunStore(settings.home),
         settings,
@@ -131,5 +116,4 @@ def train(self: Task, run_id: str) -> dict[str, Any]:
         send=lambda rid: send_train(self.app, rid),
         stop=STOPPING.is_set,
     )
-    log.info("job %s %s", run_id, "re-queued" if summary.get("requeued") else summary.get("status"))
-    return summary
+    return ended("job", run_id, summary)

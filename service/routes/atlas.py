@@ -76,6 +76,10 @@ _CHANNELS = re.compile(CHANNELS_PATTERN)
 TOPK_K = 9  # the examples a channel's entry links to (Zeiler-Fergus figure 2's nine)
 MAX_CHANNEL_SCALE = 16
 LAYER_ENUM = {"enum": list(LAYER_CHOICES)}  # the schema states the names; an atlas lacking one answers 422
+AtlasLayer = Annotated[
+    str | None,
+    Query(max_length=64, description="one of the atlas's layers (default: its first)", json_schema_extra=LAYER_ENUM),
+]
 
 
 class AtlasRequest(BaseModel):
@@ -339,12 +343,7 @@ def get_atlas(atlas_id: AtlasId, request: Request, settings: SettingsDep) -> dic
 def atlas_sheet(
     atlas_id: AtlasId,
     settings: SettingsDep,
-    layer: Annotated[
-        str | None,
-        Query(
-            max_length=64, description="one of the atlas's layers (default: its first)", json_schema_extra=LAYER_ENUM
-        ),
-    ] = None,
+    layer: AtlasLayer = None,
     scale: Annotated[
         int | None,
         Query(ge=1, le=MAX_SCALE, description=f"upscale per tile (default {SHEET_SCALE}; 2 above {BIG_SHEET} tiles)"),
@@ -406,12 +405,7 @@ def atlas_channels(
     atlas_id: AtlasId,
     request: Request,
     settings: SettingsDep,
-    layer: Annotated[
-        str | None,
-        Query(
-            max_length=64, description="one of the atlas's layers (default: its first)", json_schema_extra=LAYER_ENUM
-        ),
-    ] = None,
+    layer: AtlasLayer = None,
     channels: Annotated[
         str,
         Query(

@@ -26,7 +26,8 @@ from models.loader import stem_in_store
 from models.runs import RunStore
 from tests.helpers import random_model, start_server, wait_for
 from tests.worker.conftest import Stack
-from worker.atlas import reconcile_atlases, run_atlas_job
+from worker.atlas import run_atlas_job
+from worker.reconcile import atlas_jobs, reconcile
 from worker.settings import WorkerSettings
 
 MODEL = "rnd"
@@ -139,7 +140,7 @@ def test_a_worker_killed_mid_atlas_is_resumed_without_rendering_a_finished_chunk
     attempts = [store.read_chunk(aid, i, layer, ch)["attempt"] for i, (layer, ch) in enumerate(spec.plan())]  # type: ignore[index]
     assert attempts == [1] * len(before) + [2] * (total - len(before)), attempts
     assert [(a["attempt"], a["chunks_rendered"]) for a in done["attempt_log"]] == [(2, total - len(before))]
-    assert "re-queued, it resumes after its last finished chunk" in w1.log() or "sent again" in w1.log()
+    assert "re-queued to resume after its last finished chunk" in w1.log() or "sending it again" in w1.log()
     assert not list((store.dir(aid) / "chunks").glob(".*.tmp"))  # what the kill left mid-write is tidied
 
 
@@ -202,15 +203,16 @@ def test_the_reconciler_resends_what_the_broker_forgot(small: tuple[AtlasStore, 
     other = submit(store.home, "another-queue", None, [0, 1], "layer1", steps=2, chunk=2)
     now = time.time() + 60  # past the grace period
     # Queued, with no message in the broker: sent again. Another queue's atlas is not this worker's business.
-    assert reconcile_atlases(store, settings, lambda a: None, lambda: set(), now=now) == [aid]
-    assert reconcile_atlases(store, settings, lambda a: None, lambda: {aid}, now=now) == []
-    assert reconcile_atlases(store, settings, lambda a: None, lambda: None, now=now) == []  # broker unreadable
+    jobs = atlas_jobs(store)
+    assert reconcile(jobs, settings, lambda a: None, lambda: set(), now=now).resent == [aid]
+    assert not reconcile(jobs, settings, lambda a: None, lambda: {aid}, now=now)
+    assert not reconcile(jobs, settings, lambda a: None, lambda: None, now=now)  # broker unreadable
     # Running under the lease of a dead worker on this host: counted as lost, back to queued, sent again.
     owner = {"node": "w0@test", "host": socket.gethostname(), "pid": dead_pid(), "since": time.time()}
     (store.dir(aid) / "lease").write_text(json.dumps(owner))
     store.update(aid, status="running", heartbeat=time.time(), worker=owner)
     sent: list[str] = []
-    assert reconcile_atlases(store, settings, sent.append, lambda: {aid}) == [aid] and sent == [aid]
+    assert reconcile(jobs, settings, sent.append, lambda: {aid}).requeued == [aid] and sent == [aid]
     rec = store.read(aid)
     assert rec["status"] == "queued" and rec["lost"] == 1 and not (store.dir(aid) / "lease").exists()
     assert store.read(other)["status"] == "queued"

@@ -13,7 +13,7 @@ import pytest
 from jobqueue.app import send_train, sender_app
 from models.runs import RunStore
 from tests.worker.conftest import REDIS_URL, cleanup_redis, redis_up
-from worker.reconcile import LEASE, Lease, lease_state, owner_info, reconcile
+from worker.reconcile import LEASE, Lease, lease_state, owner_info, reconcile, run_jobs
 from worker.settings import WorkerSettings
 
 
@@ -82,14 +82,14 @@ def test_orphaned_running_run_is_requeued_then_failed(tmp_path: Path, settings: 
     sent: list[str] = []
     for attempt in (1, 2):
         _foreign_lease(store.run_dir(rid), socket.gethostname(), _dead_pid())
-        report = reconcile(store, settings, sent.append, waiting=set)
+        report = reconcile(run_jobs(store), settings, sent.append, waiting=set)
         run = store.read_run(rid)
         assert report.requeued == [rid] and run["status"] == "queued" and run["lost"] == attempt
         assert run["progress"]["phase"] == "requeued" and run["progress"]["epoch"] == 3
         assert not (store.run_dir(rid) / LEASE).exists()
         store.update_run(rid, status="running")  # the next worker takes it ... and dies too
     _foreign_lease(store.run_dir(rid), socket.gethostname(), _dead_pid())
-    report = reconcile(store, settings, sent.append, waiting=set)
+    report = reconcile(run_jobs(store), settings, sent.append, waiting=set)
     run = store.read_run(rid)
     assert report.failed == [rid] and run["status"] == "failed" and "worker lost 3 times" in run["error"]
     assert sent == [rid, rid]
@@ -102,7 +102,7 @@ def test_live_and_foreign_runs_are_left_alone(tmp_path: Path, settings: WorkerSe
     local = store.create_run({"epochs": 2}, status="running")  # a `convlens train` run: no queue field
     fresh = _run(store, "running", heartbeat=time.time())  # no lease yet, heartbeat fresh
     sent: list[str] = []
-    assert not reconcile(store, settings, sent.append, waiting=set)
+    assert not reconcile(run_jobs(store), settings, sent.append, waiting=set)
     assert [store.read_run(r)["status"] for r in (live, local, fresh)] == ["running"] * 3 and sent == []
 
 
@@ -111,12 +111,13 @@ def test_queued_runs_missing_from_the_broker_are_sent_again(tmp_path: Path, sett
     lost, waiting, cancelled = (_run(store, "queued") for _ in range(3))
     store.request_cancel(cancelled)
     sent: list[str] = []
-    assert not reconcile(store, settings, sent.append, waiting=lambda: {waiting})  # all younger than the grace period
+    jobs = run_jobs(store)
+    assert not reconcile(jobs, settings, sent.append, waiting=lambda: {waiting})  # all younger than the grace period
     later = time.time() + 10
-    report = reconcile(store, settings, sent.append, waiting=lambda: {waiting}, now=later)
+    report = reconcile(jobs, settings, sent.append, waiting=lambda: {waiting}, now=later)
     assert sent == [lost] and report.resent == [lost] and report.cancelled == [cancelled]
     assert store.read_run(cancelled)["status"] == "cancelled"
-    assert not reconcile(store, settings, sent.append, waiting=lambda: None, now=later)  # broker unknown: no guessing
+    assert not reconcile(jobs, settings, sent.append, waiting=lambda: None, now=later)  # broker unknown: no guessing
 
 
 def test_cancel_requested_orphan_ends_cancelled(tmp_path: Path, settings: WorkerSettings) -> None:
@@ -127,7 +128,7 @@ def test_cancel_requested_orphan_ends_cancelled(tmp_path: Path, settings: Worker
     store.request_cancel(rid)
     _foreign_lease(store.run_dir(rid), socket.gethostname(), _dead_pid())
     sent: list[str] = []
-    assert reconcile(store, settings, sent.append, waiting=set).cancelled == [rid]
+    assert reconcile(run_jobs(store), settings, sent.append, waiting=set).cancelled == [rid]
     assert store.read_run(rid)["status"] == "cancelled" and sent == []
 
 
