@@ -1,6 +1,6 @@
 """POST /predict under load (wrk, real CIFAR-10 test PNGs) against the bare model and a naive endpoint, in one run.
 
-    .venv/bin/python bench/serve_predict.py [--model-home var | --shipped] [--data var/data] [--duration 10]
+    .venv/bin/python bench/serve_predict.py [--model-home var [--run ID] | --shipped] [--data var/data] [--duration 10]
         [--concurrency 1 8 32 64] [--api-processes 1 2] [--server-env CONVLENS_BATCH_MAX_WAIT_MS=2 ...]
         [--engine torch openvino openvino:bf16] [--accuracy 10000] [--json-body] [--out r.json]
 
@@ -90,14 +90,15 @@ function done(summary, latency, requests)
 # ---- the model ----------------------------------------------------------------------------------------------------
 
 
-def model_home(arg: Path | None, tmp: Path) -> tuple[Path, str]:
-    """(run store, model id): the one given, var's finished seed run, or an untrained seed-arch checkpoint."""
+def model_home(arg: Path | None, tmp: Path, run: str | None = None) -> tuple[Path, str]:
+    """(run store, model id): the one given (its run `run`, else its first finished one), var's finished seed run,
+    or an untrained seed-arch checkpoint."""
     if arg is not None:
         store = RunStore(arg)
-        runs = [r for r in store.list_runs() if r.get("status") in TERMINAL]
+        runs = [r for r in store.list_runs() if r.get("status") in TERMINAL and (run is None or r["id"] == run)]
         ids = [r["id"] for r in runs if (store.checkpoints_dir(r["id"]) / "best.json").is_file()]
         if not ids:
-            sys.exit(f"{arg} holds no finished run with a best checkpoint")
+            sys.exit(f"{arg} holds no finished run {run or ''} with a best checkpoint")
         return arg, ids[0]
     var = ROOT / "var"
     store = RunStore(var)
@@ -405,6 +406,7 @@ def parse_args() -> argparse.Namespace:
     """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-home", type=Path, help="a run store with a finished run (default: see above)")
+    ap.add_argument("--run", help="with --model-home: the run to serve (e.g. a trained 32px seed-stem row)")
     ap.add_argument("--shipped", action="store_true", help="bench the shipped model (models/weights)")
     ap.add_argument("--data", type=Path, default=ROOT / "var" / "data", help="holds cifar-10-batches-py")
     ap.add_argument("--images", type=int, default=1000, help="distinct test images to cycle through")
@@ -505,7 +507,7 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
-        home, model_id = shipped_home(tmp) if args.shipped else model_home(args.model_home, tmp)
+        home, model_id = shipped_home(tmp) if args.shipped else model_home(args.model_home, tmp, args.run)
         stem = RunStore(home).checkpoints_dir(model_id) / "best"
         pngs = test_pngs(args.data, args.images)
         print(f"model {model_id} in {home}; {len(pngs)} CIFAR-10 test PNGs; torch threads {torch.get_num_threads()}")

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
@@ -29,12 +30,16 @@ def predict_labels(
     mean: tuple[float, ...] | list[float],
     std: tuple[float, ...] | list[float],
     batch_size: int = 500,
+    input_size: int | None = None,
 ) -> torch.Tensor:
-    """The model's predicted class (int64, CPU) for each uint8 image (N, 3, H, W), in batches."""
+    """The model's predicted class (int64, CPU) for each uint8 image (N, 3, H, W), in batches; a model trained
+    on upsampled inputs (`input_size`) sees them as training and /predict made them: normalised, then resized."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = normalize(images[start : start + batch_size].to(device), tuple(mean), tuple(std))
+        if input_size and input_size != x.shape[-1]:
+            x = F.interpolate(x, size=input_size, mode="bilinear", align_corners=False)
         out.append(model(x).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
@@ -164,8 +169,8 @@ def compare_png(report: dict[str, Any], wa: torch.Tensor | None, wb: torch.Tenso
     ax2.set_yticks([0, 1], [f"{a_id} right", f"{a_id} wrong"], fontsize=8)
     ax2.set_title("right / wrong")
     ax3 = bottom.subplots()
-    match = report.get("filters")
-    if match and wa is not None and wb is not None:
+    match = report.get("filters") or {}
+    if "b_for_a" in match and wa is not None and wb is not None:  # else a note: e.g. a 7x7 and a 3x3 stem
         ax3.imshow(pairs_mosaic(wa, wb, match["b_for_a"]), interpolation="nearest")
         cell_h, cell_w = mosaic_cell(wa.shape[2], wa.shape[3])
         for i, (j, s) in enumerate(zip(match["b_for_a"], match["similarity"], strict=True)):
@@ -178,7 +183,7 @@ def compare_png(report: dict[str, Any], wa: torch.Tensor | None, wb: torch.Tenso
             fontsize=9,
         )
     else:
-        ax3.text(0.5, 0.5, (match or {}).get("note", "conv1 filters not comparable"), ha="center", va="center")
+        ax3.text(0.5, 0.5, match.get("note", "conv1 filters not comparable"), ha="center", va="center")
     ax3.axis("off")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

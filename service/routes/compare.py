@@ -38,13 +38,16 @@ from models.runs import RUN_ID_RE
 from models.visual import filters
 from service.deps import RegistryDep
 from service.registry import LoadedModel, ModelRegistry, validate_model_id
-from service.topk import Build, at_input_size, build_lock, examples_split
+from service.topk import Build, build_lock, examples_split
 
 log = logging.getLogger("convlens.compare")
 router = APIRouter(tags=["models"])
 
 Split = Literal["val", "test"]
 CHUNK = 500  # images resized and predicted at a time (and the unit of progress)
+# In each cached report's name: raised when the computation changes, so no report of an older one is served
+# (2: inputs normalised before resizing, as /predict and training make them).
+REPORT_VERSION = 2
 RETRY_AFTER_S = 2
 MAX_RUNNING = 2  # comparisons computing at once in one API process; more answer 429 + Retry-After
 # The grammar of models=, from the one id rule (models.runs): the OpenAPI schema states it, so a client (or a
@@ -150,7 +153,7 @@ def _predict(m: LoadedModel, images: torch.Tensor, tick: Callable[[], None]) -> 
     size = int(m.meta.get("input_size", 32))
     out = []
     for i in range(0, images.shape[0], CHUNK):
-        out.append(predict_labels(m.model, at_input_size(images[i : i + CHUNK], size), m.meta["mean"], m.meta["std"]))
+        out.append(predict_labels(m.model, images[i : i + CHUNK], m.meta["mean"], m.meta["std"], input_size=size))
         tick()
     return torch.cat(out)
 
@@ -190,7 +193,7 @@ def _cache_stem(home: Path, meta_a: dict[str, Any], meta_b: dict[str, Any], spli
     sha = [str(m.get("sha256") or "") for m in (meta_a, meta_b)]
     if not all(sha):
         return None  # a checkpoint without a recorded hash: nothing safe to key a cache on
-    return home / "compare" / f"{sha[0][:16]}-{sha[1][:16]}-{split}"
+    return home / "compare" / f"v{REPORT_VERSION}-{sha[0][:16]}-{sha[1][:16]}-{split}"
 
 
 def read_report(stem: Path) -> dict[str, Any] | None:

@@ -70,3 +70,17 @@ def test_a_model_with_itself_agrees_everywhere_and_another_does_not() -> None:
     report |= {"models": {"a": "m1", "b": "m2"}, "split": "synthetic"}
     png = compare_png(report, w1, filters(m2, "conv1"))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_models_of_different_stems_compare_without_a_filter_matching() -> None:
+    """The seed stem's 7x7 conv1 and the CIFAR stem's 3x3 cannot be matched: the figure says so, and still draws."""
+    torch.manual_seed(0)
+    seed, cifar = build_model("resnet18", 3).eval(), build_model("resnet18-cifar", 3).eval()
+    wa, wb = filters(seed, "conv1"), filters(cifar, "conv1")
+    with pytest.raises(InvalidArgument, match="cannot be matched") as e:
+        match_filters(wa, wb)
+    labels = torch.tensor([0, 1, 2, 0])
+    report = compare_predictions(labels, labels, torch.tensor([0, 1, 1, 0]), CLASSES)
+    report |= {"filters": {"note": str(e.value)}, "models": {"a": "seed", "b": "cifar"}, "split": "synthetic"}
+    png = compare_png(report, wa, wb)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
