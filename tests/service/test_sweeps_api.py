@@ -102,11 +102,16 @@ def test_a_sweep_whose_run_ids_exist_is_409_and_writes_nothing(tmp_path: Path) -
     assert [run["id"] for run in store.list_runs()] == ["clash-01"]
 
 
-@pytest.mark.slow
-def test_sweep_end_to_end_on_the_embedded_queue(embedded: Api) -> None:
-    client, stack = embedded
+@pytest.fixture(scope="module")
+def emb(embedded: Api) -> tuple[Api, Any]:
+    """The sweep `emb` (three rows, one on CIFAR-100) posted once, for every test that reads it, in any order."""
     rows = [{"seed": 1}, {"seed": 2}, {"dataset": "cifar100"}]
-    r = client.post("/sweeps", json={"id": "emb", "base": job_config(epochs=2), "rows": rows})
+    return embedded, embedded[0].post("/sweeps", json={"id": "emb", "base": job_config(epochs=2), "rows": rows})
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_on_the_embedded_queue(emb: tuple[Api, Any]) -> None:
+    (client, stack), r = emb
     assert r.status_code == 202, r.text
     assert r.json()["run_ids"] == ["emb-00", "emb-01", "emb-02"] and r.json()["dispatched"] is True
     assert client.post("/sweeps", json={"id": "emb", "grid": {"seed": [1]}}).status_code == 409
@@ -132,8 +137,8 @@ def test_sweep_end_to_end_on_the_embedded_queue(embedded: Api) -> None:
 
 
 @pytest.mark.slow
-def test_compare_two_rows_of_a_sweep(embedded: Api) -> None:
-    client, stack = embedded
+def test_compare_two_rows_of_a_sweep(emb: tuple[Api, Any]) -> None:
+    (client, stack), _ = emb
     wait_done(client, "emb")
     first = client.get("/compare", params={"models": "emb-00,emb-01", "split": "val"})
     assert first.status_code == 202 and 0 <= first.json()["progress"] <= 1, first.text  # computed in the background
