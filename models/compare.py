@@ -148,29 +148,31 @@ def compare_png(report: dict[str, Any], wa: torch.Tensor | None, wb: torch.Tenso
     from matplotlib.figure import Figure  # a Figure, not pyplot: no global state, no display backend
 
     a_id, b_id = report["models"]["a"], report["models"]["b"]
-    fig = Figure(figsize=(12, 9), dpi=100, layout="constrained")
+    match = report.get("filters") or {}
+    matched = "b_for_a" in match and wa is not None and wb is not None  # else a note: e.g. a 7x7 and a 3x3 stem
+    fig = Figure(figsize=(12, 9 if matched else 5.5), dpi=100, layout="constrained")
     acc, agree = report["accuracy"], report["agreement"]
-    fig.suptitle(f"{a_id} vs {b_id} on {report['split']} ({report['n']} images): agreement {agree:.3f}")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.3])  # type: ignore[misc]
+    fig.suptitle(f"a: {a_id}   b: {b_id}   on {report['split']} ({report['n']} images): agreement {agree:.3f}")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.3 if matched else 0.12])  # type: ignore[misc]
     ax1, ax2 = top.subplots(1, 2, width_ratios=[2.2, 1])
     names = [p["class"] for p in report["per_class"]]
     x = np.arange(len(names))
-    for off, key, label in ((-0.2, "a", f"{a_id} {acc['a']:.3f}"), (0.2, "b", f"{b_id} {acc['b']:.3f}")):
+    for off, key, label in ((-0.2, "a", f"a: {a_id} {acc['a']:.3f}"), (0.2, "b", f"b: {b_id} {acc['b']:.3f}")):
         ax1.bar(x + off, [p[key] or 0.0 for p in report["per_class"]], width=0.4, label=label)
-    ax1.set(title="accuracy per class", ylim=(0, 1))
+    ax1.set(title="accuracy per class", ylim=(0, 1.22))  # headroom: the legend sits above the bars
+    ax1.set_yticks(np.linspace(0, 1, 6))
     ax1.set_xticks(x, names, rotation=45 if len(names) <= 20 else 90, fontsize=8 if len(names) <= 20 else 4)
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=8, loc="upper center", ncols=2)
     t = report["table"]
     cells = [[t["both_right"], t["a_right_b_wrong"]], [t["a_wrong_b_right"], t["both_wrong"]]]
     ax2.imshow(np.array(cells), cmap="Blues")
     for (r, c), v in np.ndenumerate(np.array(cells)):
-        ax2.text(c, r, str(v), ha="center", va="center", color="black", fontsize=12)
-    ax2.set_xticks([0, 1], [f"{b_id} right", f"{b_id} wrong"], fontsize=8)
-    ax2.set_yticks([0, 1], [f"{a_id} right", f"{a_id} wrong"], fontsize=8)
-    ax2.set_title("right / wrong")
+        ax2.text(c, r, str(v), ha="center", va="center", color="white" if r == c == 0 else "black", fontsize=12)
+    ax2.set_xticks([0, 1], ["b right", "b wrong"], fontsize=9)
+    ax2.set_yticks([0, 1], ["a right", "a wrong"], fontsize=9)
+    ax2.set_title("right / wrong (images)")
     ax3 = bottom.subplots()
-    match = report.get("filters") or {}
-    if "b_for_a" in match and wa is not None and wb is not None:  # else a note: e.g. a 7x7 and a 3x3 stem
+    if matched and wa is not None and wb is not None:
         ax3.imshow(pairs_mosaic(wa, wb, match["b_for_a"]), interpolation="nearest")
         cell_h, cell_w = mosaic_cell(wa.shape[2], wa.shape[3])
         for i, (j, s) in enumerate(zip(match["b_for_a"], match["similarity"], strict=True)):
@@ -178,7 +180,7 @@ def compare_png(report: dict[str, Any], wa: torch.Tensor | None, wb: torch.Tenso
             ty, tx = r * cell_h + wa.shape[2] + 1, c * cell_w + cell_w / 2
             ax3.text(tx, ty, f"{i}~{j} {s:.2f}", ha="center", va="top", fontsize=5.5)
         ax3.set_title(
-            f"conv1: each {a_id} filter (left) beside its matched {b_id} filter (right); "
+            f"conv1: each filter of a (left) beside its matched filter of b (right); "
             f"mean cosine {match['mean_similarity']:.3f} (unmatched {match['unmatched_mean_similarity']:.3f})",
             fontsize=9,
         )
