@@ -43,7 +43,9 @@ class SweepRow(BaseModel):
     test_acc: float | None = Field(None, description="test accuracy of the best checkpoint")
     final_test_acc: float | None = Field(None, description="test accuracy of the last epoch's weights")
     train_acc: float | None = Field(None, description="training accuracy of the last epoch")
-    wall_s: float | None = Field(None, description="from the first start to the end (or now)")
+    wall_s: float | None = Field(
+        None, description="first start to end (now while running; a row handed back to the queue: until then)"
+    )
     worker: str | None = Field(None, description="the Celery node that ran (or runs) it")
     reference: dict[str, float] | None = Field(None, description="accuracies reported for this row (a preset's)")
     error: str | None = None
@@ -102,7 +104,9 @@ def sweep_row(store: RunStore, index: int, entry: dict[str, Any]) -> SweepRow:
     step, total = progress.get("step"), progress.get("total_steps")
     done = 1.0 if row.status == "succeeded" else (min(1.0, step / total) if step and total else 0.0)
     started, finished = run.get("started"), run.get("finished")
-    wall = ((finished or time.time()) - started) if started else None
+    # A row handed back to the queue (a worker stopped) is not running: its clock stopped when it was handed back.
+    end = finished or (time.time() if row.status == "running" else run.get("updated") or time.time())
+    wall = end - started if started else None
     return SweepRow(
         **base,
         status=row.status,
@@ -175,7 +179,8 @@ def table_png(table: SweepTable) -> bytes:
     fig = Figure(figsize=(max(8, 1.15 * len(head)), 1.2 + 0.32 * max(len(cells), 1)), dpi=100)
     ax = fig.subplots()
     ax.axis("off")
-    ax.set_title(f"sweep {table.id}: {table.counts} ({100 * table.progress:.0f}%)", fontsize=10)
+    counts = ", ".join(f"{n} {status}" for status, n in table.counts.items())
+    ax.set_title(f"sweep {table.id}: {counts} ({100 * table.progress:.0f}%)", fontsize=10)
     if cells:
         t = ax.table(cellText=cells, colLabels=head, loc="center", cellLoc="center")
         t.auto_set_font_size(False)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from models.runs import RunStore
+from service.sweeps_view import sweep_row
 from tests.helpers import REDIS_URL, redis_up, wait_for
 from tests.service.conftest import make_client
 from tests.service.test_compare_async import compared
@@ -237,3 +239,20 @@ def test_a_worker_killed_mid_row_leaves_its_row_to_the_other(two_workers: Api) -
     row = next(row for row in table["rows"] if row["id"] == rid)
     assert row["attempts"] == 2 and not row["worker"].startswith(dead.name + "@")  # resumed by the other worker
     assert epochs_logged(stack.store, rid) == [1, 2, 3]  # resumed from its checkpoint, no epoch twice
+
+
+def test_a_row_handed_back_to_the_queue_stops_its_clock(tmp_path: Path) -> None:
+    """Wall time runs from the first start to the end, to now while running, and stops when a stopped worker hands
+    the row back (queued again: it is not running, so its time must not grow)."""
+    store = RunStore(tmp_path)
+    rid = store.create_run(job_config(), run_id="clock-00")
+    t0 = time.time() - 100
+    store.update_run(rid, status="running", started=t0)
+    assert sweep_row(store, 0, {"id": rid}).wall_s == pytest.approx(100, abs=5)  # running: to now
+    store.update_run(rid, status="queued", progress={"phase": "interrupted"})  # handed back now
+    handed_back = store.read_run(rid)["updated"]
+    time.sleep(1.1)
+    row = sweep_row(store, 0, {"id": rid})
+    assert row.status == "queued" and row.wall_s == pytest.approx(handed_back - t0, abs=0.01)
+    store.update_run(rid, status="succeeded", finished=t0 + 60)
+    assert sweep_row(store, 0, {"id": rid}).wall_s == pytest.approx(60)
