@@ -201,10 +201,7 @@ def record_lost(jobs: JobKind, rec: dict[str, Any], reason: str, max_attempts: i
         error = f"worker lost {lost} times (last: {reason}); gave up after CONVLENS_MAX_ATTEMPTS={max_attempts}"
         log.error("%s %s: %s", jobs.name, jid, error)
         return jobs.update(jid, status="failed", lost=lost, error=error, finished=time.time())
-    log.warning(
-        "%s %s: %s; re-queued %s (lost %d of %d)", jobs.name, jid, reason, jobs.resumes, lost,
-        max_attempts,
-    )  # fmt: skip
+    log.warning("%s %s: %s; re-queued %s (lost %d of %d)", jobs.name, jid, reason, jobs.resumes, lost, max_attempts)
     return jobs.update(jid, status="queued", lost=lost, progress=jobs.requeued_progress(rec, reason))
 
 
@@ -348,8 +345,11 @@ def reconcile(
             new = _recover(jobs, settings, rec, node, now)
             if new == "queued":
                 send(jid)
-            if new is not None:
-                {"queued": report.requeued, "failed": report.failed}.get(new, report.cancelled).append(jid)
+                report.requeued.append(jid)
+            elif new == "failed":
+                report.failed.append(jid)
+            elif new is not None:
+                report.cancelled.append(jid)
         elif status == "queued" and in_broker is not None and jid not in in_broker:
             if now - float(rec.get("updated") or 0) < settings.requeue_grace_s:
                 continue  # the API may be sending it right now
