@@ -39,3 +39,16 @@ for M in convlens-resnet18-cifar10 convlens-resnet18-cifarstem-cifar10; do
   post "side-$M-reconstruct.png" "/reconstruct?layer=layer4&channels=top:8&scale=3&model=$M"
   post "side-$M-gradcam.png" "/explain?method=gradcam&view=overlay&size=192&model=$M"
 done
+
+# The two shipped models compared on all 10,000 test images (minutes on a CPU: every image through both), and
+# the figures the README quotes from the same report (cached by the server, so the second request is instant).
+PAIR="models=convlens-resnet18-cifar10,convlens-resnet18-cifarstem-cifar10&split=test"
+until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/compare?$PAIR&format=json")" = 200 ]; do sleep 5; done
+get compare-shipped.png "/compare?$PAIR&format=png"
+curl -sf "$URL/compare?$PAIR&format=json" | .venv/bin/python -c '
+import json, sys
+r = json.load(sys.stdin)
+acc = r["accuracy"]
+print("compare: a %.4f  b %.4f  agreement %.4f  table %s" % (acc["a"], acc["b"], r["agreement"], r["table"]))
+for d in sorted(r["per_class"], key=lambda d: d["a"] - d["b"])[:3]:
+    print("  %s: b - a = %+.1f points" % (d["class"], 100 * (d["b"] - d["a"])))'

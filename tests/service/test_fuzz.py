@@ -1,4 +1,4 @@
-"""The whole HTTP API against its own OpenAPI schema: `schemathesis run --checks all`, as a user would run it.
+"""The whole HTTP API against its own OpenAPI schema: `schemathesis run`, every check, as a user would run it.
 
 A real server (a fresh run store holding one trained model, the synthetic dataset) and schemathesis' command line
 with every check: no 5xx, documented statuses, content types and bodies; schema-valid requests accepted and
@@ -35,9 +35,9 @@ KEY = "fuzz-key"
 
 
 def schemathesis(server: Server, *extra: str, examples: int = EXAMPLES) -> tuple[int, str]:
-    """`schemathesis run --checks all` from the repository root (so it reads schemathesis.toml); (code, output)."""
+    """`schemathesis run` from the repository root (schemathesis.toml turns on every check); (code, output)."""
     exe = Path(sys.executable).with_name("schemathesis")
-    cmd = [str(exe), "run", f"{server.url}/openapi.json", "--checks", "all", "--max-examples", str(examples)]
+    cmd = [str(exe), "run", f"{server.url}/openapi.json", "--max-examples", str(examples)]
     cmd += ["--seed", str(SEED), "--no-color", *extra]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     return done.returncode, done.stdout + done.stderr
@@ -71,7 +71,7 @@ def test_schemathesis_checks_all_pass_on_a_fresh_server(
     finally:
         server.stop()
     with capsys.disabled():  # the figure the README quotes, shown without -s
-        print(f"\nschemathesis --checks all (seed {SEED}): {summary(out)}")
+        print(f"\nschemathesis, every check (seed {SEED}): {summary(out)}")
     assert code == 0, failures(out)
     generated = int(re.search(r"(\d+) generated", out).group(1))  # type: ignore[union-attr]
     assert generated >= 500 and "Selected: " in out, out[-3000:]
