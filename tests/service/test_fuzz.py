@@ -9,7 +9,7 @@ configured: every guarded operation must refuse a request without the key or wit
 auth checks), and nothing is queued.
 
 CONVLENS_FUZZ_EXAMPLES sets the examples per operation (default 6: a few thousand requests in a few minutes on
-two cores); CONVLENS_FUZZ_SEED fixes the seed (default: a fresh one each run, printed).
+two cores); CONVLENS_FUZZ_SEED fixes the seed (default: a fresh one each run, printed; .ci/run fixes one).
 """
 
 from __future__ import annotations
