@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/fuzz.py [--examples 100] [--seed N]
 
-The same `schemathesis run` (every check, as schemathesis.toml says) against a fresh server (and the keyed pass), with more examples per
-operation. Prints schemathesis' summary of each pass; exits non-zero on any failure. CONVLENS_FUZZ_EXAMPLES and
-CONVLENS_FUZZ_SEED are the environment forms of the two options.
+The same `schemathesis run` (every check, as schemathesis.toml says) against a fresh server (and the keyed pass),
+with more examples per operation. Prints schemathesis' summary of each pass; exits non-zero on any failure.
+CONVLENS_FUZZ_EXAMPLES and CONVLENS_FUZZ_SEED are the environment forms of the two options.
 """
 
 from __future__ import annotations

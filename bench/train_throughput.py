@@ -14,8 +14,9 @@ per-layer statistics off and on, alternating in rounds, and prints each one's be
 checkpoint: everything an epoch costs) and the on/off ratio.
 
 `--precision` times one SGD training step of both stems (random data, the given batch size) in float32 and under
-bf16 autocast, each NCHW and channels_last, in one process, and prints images/s and each one's ratio to float32
-NCHW (what `precision=bf16` buys on this CPU; `models.device.cpu_bf16_flags` says whether it has bf16 units).
+bf16 autocast, each NCHW and channels_last, then bf16 + channels_last through torch.compile (`compile=true`), in
+one process, and prints images/s and each one's ratio to float32 NCHW (what `precision=bf16` and `compile` buy on
+this CPU; `models.device.cpu_bf16_flags` says whether it has bf16 units).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from models.runs import MetricsLog
 from models.trainer import train
 
 EPOCH_IMAGES = 45_000
+# --precision: (bf16 autocast, channels_last, torch.compile) per row; the last is the cpu-cifar-bf16 preset's.
+VARIANTS = ((False, False, False), (False, True, False), (True, False, False), (True, True, False), (True, True, True))
 
 
 def step_fn(arch: str) -> tuple[nn.Module, object]:
@@ -128,26 +131,28 @@ def precision_table(ns: argparse.Namespace) -> None:
     print(f"CPU bf16 flags: {','.join(cpu_bf16_flags()) or 'none'}; threads {torch.get_num_threads()}")
     for arch in ("resnet18", "resnet18-cifar"):
         base = None
-        for bf16, cl in ((False, False), (False, True), (True, False), (True, True)):
+        for bf16, cl, compiled in VARIANTS:
             model, _ = step_fn(arch)
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
             fmt = torch.channels_last if cl else torch.contiguous_format
             model = model.to(memory_format=fmt)
+            forward = torch.compile(model, dynamic=False) if compiled else model  # as the trainer's compile=true
             x = torch.randn(ns.batch_size, 3, 32, 32).contiguous(memory_format=fmt)
             y = torch.randint(0, 10, (ns.batch_size,))
             times = []
-            for _ in range(ns.batches + 1):
+            for _ in range(ns.batches + 1 + compiled):  # the first step (two when compiled: it compiles) untimed
                 t0 = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = nn.functional.cross_entropy(model(x).float(), y)
+                    loss = nn.functional.cross_entropy(forward(x).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 times.append(time.perf_counter() - t0)
-            ips = ns.batch_size / sorted(times[1:])[len(times[1:]) // 2]
+            timed_steps = times[1 + compiled :]
+            ips = ns.batch_size / sorted(timed_steps)[len(timed_steps) // 2]
             base = base or ips
-            name = f"{'bf16' if bf16 else 'fp32'}{' channels_last' if cl else ''}"
-            print(f"{arch:15s} {name:19s} {ips:7.1f} images/s  {ips / base:5.2f}x fp32")
+            name = f"{'bf16' if bf16 else 'fp32'}{' channels_last' if cl else ''}{' compiled' if compiled else ''}"
+            print(f"{arch:15s} {name:28s} {ips:7.1f} images/s  {ips / base:5.2f}x fp32")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,3 +42,16 @@ def use_bf16(device: torch.device, precision: str, cpu_flags: tuple[str, ...] | 
     if precision != "bf16" or device.type != "cpu":
         return False
     return bool(cpu_bf16_flags() if cpu_flags is None else cpu_flags)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot build kernels for `device` on this machine, or None when it can: inductor compiles
+    C++ for the CPU (the compiler named by $CXX, g++ by default) and Triton kernels for CUDA."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton is not installed"
+    from torch._inductor import config
+
+    cxx = config.cpp.cxx[-1]
+    return None if cxx and shutil.which(cxx) else f"no C++ compiler ({cxx!r} is not on PATH)"

@@ -34,7 +34,7 @@ from models.data import (
     make_dataloader,
     train_val_split,
 )
-from models.device import cpu_bf16_flags, resolve_device, use_bf16
+from models.device import compile_unavailable, cpu_bf16_flags, resolve_device, use_bf16
 from models.resnet import build_model
 from models.runs import MetricsLog
 from models.timelapse import Timelapse, probe_batch
@@ -160,6 +160,37 @@ def checkpoint_meta(
     }
 
 
+class _CompiledForward:
+    """The network as torch.compile runs it for the training steps (static shapes: one compile per batch shape),
+    sharing the eager module's parameters, so checkpoints, evaluation and hooks keep using the eager module. A
+    failed compile is logged and the steps go on eager: compiling is an optimisation, never a reason to fail."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.fn: Callable[[torch.Tensor], torch.Tensor] | None = torch.compile(model, dynamic=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fn is not None:
+            try:
+                return self.fn(x)
+            except torch._dynamo.exc.TorchDynamoException as e:  # raised before any step's work is done
+                _log.warning("torch.compile failed (%s: %s): training steps run eager", type(e).__name__, e)
+                self.fn = None
+        return self.model(x)  # type: ignore[no-any-return]
+
+
+def _train_forward(cfg: TrainConfig, model: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the training steps call: the compiled network when the config asks and this machine can build it."""
+    if not cfg.compile:
+        return model
+    why = compile_unavailable(dev)
+    if why:
+        _log.warning("compile=true, but %s: training steps run eager", why)
+        return model
+    _log.info("training steps compiled with torch.compile (inductor); each new batch shape compiles once")
+    return _CompiledForward(model)
+
+
 @dataclass
 class _Session:
     """Everything one call of `train` holds: data, model, optimiser, logs, and the counters a resume restores."""
@@ -178,6 +209,7 @@ class _Session:
     eval_name: str
     test_ds: ArrayDataset
     model: nn.Module
+    train_forward: Callable[[torch.Tensor], torch.Tensor]
     gen: torch.Generator
     loader: Any
     opt: torch.optim.Optimizer
@@ -279,7 +311,8 @@ def _setup(
         cfg=cfg, dev=dev, bf16=bf16, channels_last=channels_last, ckdir=ckdir,
         log=MetricsLog(run_dir / "metrics.jsonl"), writer=_summary_writer(run_dir / "tb") if tensorboard else None,
         classes=full.classes, num_classes=info.num_classes, train_ds=train_ds, eval_ds=eval_ds, eval_name=eval_name,
-        test_ds=test_ds, model=model, gen=gen, loader=loader, opt=opt, sched=sched, per_step=per_step,
+        test_ds=test_ds, model=model, train_forward=_train_forward(cfg, model, dev), gen=gen, loader=loader,
+        opt=opt, sched=sched, per_step=per_step,
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), progress=progress,
         should_cancel=should_cancel,
     )  # fmt: skip
@@ -320,7 +353,7 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, float] | None:
         if s.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(s.dev, s.bf16):
-            logits = s.model(x)
+            logits = s.train_forward(x)
             loss = s.criterion(logits.float(), y)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -43,3 +43,4 @@ def test_cpu_cifar_preset_runs_a_few_steps(
     assert result.status == "succeeded" and result.step == 2 and "test_acc_tta" in result.metrics
     chosen = "bf16" if cpu_bf16_flags() else "fp32"  # what this machine's CPU allows
     assert any(f"cpu, {chosen} (precision=bf16" in r.getMessage() for r in caplog.records), caplog.text
+    assert "training steps compiled with torch.compile" in caplog.text  # the preset compiles where g++ exists
