@@ -174,7 +174,8 @@ class _CompiledForward:
             try:
                 return self.fn(x)
             except torch._dynamo.exc.TorchDynamoException as e:  # raised before any step's work is done
-                _log.warning("torch.compile failed (%s: %s): training steps run eager", type(e).__name__, e)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                _log.warning("torch.compile failed (%s: %s): training steps run eager", type(e).__name__, first)
                 self.fn = None
         return self.model(x)  # type: ignore[no-any-return]
 

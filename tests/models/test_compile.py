@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch._inductor import config as inductor_config
 
 from models.config import PRESETS, TrainConfig
-from models.trainer import train
+from models.trainer import _CompiledForward, train
 
 TINY = {"epochs": 1, "batch_size": 32, "train_limit": 96, "val_size": 32, "log_every": 1, "optimizer": "sgd"}
 
@@ -51,6 +52,18 @@ def test_without_a_compiler_the_steps_run_eager_and_the_log_says_why(
     assert result.status == "succeeded"
     assert "compile=true, but no C++ compiler ('no-such-c++' is not on PATH): training steps run eager" in caplog.text
     assert "training steps compiled" not in caplog.text
+
+
+def test_a_failed_compile_is_logged_and_the_step_runs_eager(caplog: pytest.LogCaptureFixture) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(2, 3, 8, 8)
+    forward = _CompiledForward(model)
+    # The compiler disappears between the check and the first step: inductor's code generation fails.
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-c++")}), caplog.at_level("WARNING", "convlens.trainer"):
+        out = forward(x)
+    assert torch.equal(out, model(x)) and forward.fn is None  # eager from now on
+    assert "torch.compile failed (InductorError: InvalidCxxCompiler" in caplog.text
+    assert "\n" not in caplog.records[-1].getMessage()  # one line in the log, not inductor's whole advice
 
 
 def test_the_cpu_cifar_preset_compiles_and_the_gpu_preset_does_not() -> None:
