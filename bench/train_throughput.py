@@ -14,9 +14,10 @@ per-layer statistics off and on, alternating in rounds, and prints each one's be
 checkpoint: everything an epoch costs) and the on/off ratio.
 
 `--precision` times one SGD training step of both stems (random data, the given batch size) in float32 and under
-bf16 autocast, each NCHW and channels_last, then through torch.compile (`compile=true`) as the trainer runs it
-(float32 NCHW where the CPU has no bf16 units, bf16 + channels_last where it has), in one process, and prints images/s and each one's ratio to float32 NCHW (what `precision=bf16` and `compile` buy on
-this CPU; `models.device.cpu_bf16_flags` says whether it has bf16 units).
+bf16 autocast, each NCHW and channels_last, and through torch.compile (`compile=true`) as the trainer runs it
+(float32 where the CPU has no bf16 units, bf16 + channels_last where it has), in one process, and prints images/s
+and each one's ratio to float32 NCHW (what `precision=bf16` and `compile` buy on this CPU;
+`models.device.cpu_bf16_flags` says whether it has bf16 units). `--fp32-only` skips the bf16 rows.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from models.runs import MetricsLog
 from models.trainer import train
 
 EPOCH_IMAGES = 45_000
-# --precision: (bf16 autocast, channels_last, torch.compile) per row; the last is the cpu-cifar-bf16 preset's.
-# (bf16, channels_last, compiled): the compiled rows are what the cpu-cifar-bf16 preset runs with and without bf16 units.
+# --precision: (bf16 autocast, channels_last, torch.compile) per row; the cpu-cifar-bf16 preset runs the third
+# where the CPU has no bf16 units and the last where it has.
 VARIANTS = (
     (False, False, False),
     (False, True, False),
@@ -178,9 +179,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="--timelapse: epochs a run")
     ap.add_argument("--val-size", type=int, default=5000, help="--timelapse: validation images (evaluated each epoch)")
     ap.add_argument("--precision", action="store_true", help="fp32 vs bf16 training steps, both stems")
-    ap.add_argument(
-        "--fp32-only", action="store_true", help="--precision: skip the bf16 rows (minutes a step where bf16 is emulated)"
-    )
+    ap.add_argument("--fp32-only", action="store_true", help="--precision: skip the bf16 rows (slow if emulated)")
     ns = ap.parse_args()
     if ns.precision:
         precision_table(ns)

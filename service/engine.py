@@ -1,16 +1,17 @@
 """The /predict engine: the eager model compiled by OpenVINO for the CPU, checked against torch before it serves.
 
-`CONVLENS_PREDICT_ENGINE=auto|torch|openvino` and `CONVLENS_PREDICT_PRECISION=auto|f32|bf16`. `auto` serves with
-OpenVINO on the CPU (torch on CUDA, or when OpenVINO is missing), in bf16 where the CPU has bf16 instructions and
-the bf16 gate passes, else in f32. Only /predict uses the engine: the look-inside endpoints keep the eager model,
-whose hooks and reverse network they need.
+`CONVLENS_PREDICT_ENGINE=auto|torch|openvino` and `CONVLENS_PREDICT_PRECISION=auto|f32|bf16|int8`. `auto` serves
+with OpenVINO on the CPU (torch on CUDA, or when OpenVINO is missing), in bf16 where the CPU has bf16 instructions
+and the bf16 gate passes, else in f32. int8 is the OpenVINO model quantized after training by NNCF, calibrated on
+images of the model's training split; where its gate refuses, f32 serves. Only /predict uses the engine: the
+look-inside endpoints keep the eager model, whose hooks and reverse network they need.
 
 The gate, at export: on a fixed probe batch the engine's logits against eager torch's (f32: max abs diff at most
 1e-4), then top-1 on the model's validation split (f32: agreement with torch at least 99.9%; bf16: the accuracy
-change at most 0.2 points, which needs the labelled split). Without the dataset, f32 checks agreement on a fixed
-synthetic set (models.synthetic) and bf16 is refused. A failed gate or export serves with torch, with the reason
-logged and shown on /models/{id}. Exports and their gate results are cached under `<home>/engines/`, keyed by the
-weights' sha256, engine (and its version), precision and input size.
+change at most 0.2 points, which needs the labelled split; int8 the same). Without the dataset, f32 checks agreement
+on a fixed synthetic set (models.synthetic) and bf16 and int8 are refused. A failed gate or export serves with torch
+(int8: with f32), with the reason logged and shown on /models/{id}. Exports and their gate results are cached under
+`<home>/engines/`, keyed by the weights' sha256, engine (and its version), precision and input size.
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ from service.settings import Settings
 log = logging.getLogger("convlens.engine")
 
 EngineName = Literal["auto", "torch", "openvino"]
-Precision = Literal["auto", "f32", "bf16"]
+Precision = Literal["auto", "f32", "bf16", "int8"]
 
 F32_MAX_ABS_DIFF = 1e-4
 F32_MIN_AGREEMENT = 0.999
-BF16_MAX_ACCURACY_CHANGE = 0.002  # 0.2 points
+LOW_PRECISION_MAX_ACCURACY_CHANGE = 0.002  # 0.2 points, for bf16 and int8
+# The ranges int8 quantizes to are measured on these; NNCF's default, 300, cost the shipped model the gate's limit.
+CALIBRATION_IMAGES = 1000
 PROBE_BATCH = 32
 SYNTHETIC_GATE_IMAGES = 512
 GATE_CHUNK = 64
@@ -112,7 +115,8 @@ def convert_openvino(ov: Any, model: torch.nn.Module, size: int) -> Any:
 def compile_openvino(ov: Any, converted: Any, precision: str, threads: int) -> OpenVinoForward:
     """Compile for the CPU: `threads` intra-op threads, one stream, no pinning (TBB workers sleep when idle)."""
     config = {
-        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",  # the CPU plugin picks bf16 by itself
+        # The CPU plugin picks bf16 by itself where it can; int8 layers stay int8 whatever the hint says.
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         "INFERENCE_NUM_THREADS": threads,
         "NUM_STREAMS": 1,
         "PERFORMANCE_HINT": "LATENCY",
@@ -158,6 +162,32 @@ def gate_images(meta: dict[str, Any], data_root: Path | None, limit: int) -> tup
     return torch.from_numpy(imgs.reshape(-1, 3, 32, 32)), torch.tensor(labels), "synthetic"
 
 
+def calibration_inputs(meta: dict[str, Any], data_root: Path | None) -> list[np.ndarray]:
+    """Network inputs for int8 calibration: the first CALIBRATION_IMAGES of the model's training split (never the
+    validation images the gate judges by), through the service's own transform, in GATE_CHUNK batches."""
+    val_size = int((meta.get("config") or {}).get("val_size") or 0)
+    dataset = str(meta.get("dataset") or "cifar10")
+    if data_root is None or dataset not in ("cifar10", "cifar100"):
+        raise EngineRefused("int8: calibration needs the model's training images, and no dataset is configured")
+    try:
+        train, _ = train_val_split(load_cifar(data_root, dataset, train=True), val_size)
+    except (ConvLensError, OSError, ValueError) as e:
+        raise EngineRefused(f"int8: calibration needs the model's training images ({e})") from e
+    images = train.images[:CALIBRATION_IMAGES]
+    return [normalize_batch(c, meta).numpy() for c in images.split(GATE_CHUNK)]
+
+
+def quantize_openvino(converted: Any, meta: dict[str, Any], data_root: Path | None) -> Any:
+    """The OpenVINO model quantized to int8 (weights and activations) by NNCF's post-training quantization."""
+    inputs = calibration_inputs(meta, data_root)
+    try:
+        nncf = importlib.import_module("nncf")
+    except ImportError as e:
+        raise EngineRefused(f"int8: nncf is not installed ({e}); `pip install nncf`") from e
+    nncf.set_log_level(logging.ERROR)  # below that it draws progress bars on the server's stdout
+    return nncf.quantize(converted, nncf.Dataset(inputs), subset_size=len(inputs))  # the size counts batches
+
+
 def _top1(forward: Forward, images: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     """Predicted classes of uint8 images, fed in bounded chunks through the service's own transform."""
     with torch.inference_mode():
@@ -188,11 +218,11 @@ def run_gate(
 
 def _refusal(r: dict[str, Any], precision: str) -> str | None:
     """Why the gate refuses these measurements (None: it passes)."""
-    if precision == "bf16":
+    if precision in ("bf16", "int8"):
         if "accuracy_change_points" not in r:
-            return "bf16 needs the validation split to measure its accuracy change, and it is not on disk"
-        if abs(r["accuracy_change_points"]) > BF16_MAX_ACCURACY_CHANGE * 100:
-            return f"bf16 changes validation accuracy by {r['accuracy_change_points']:+.2f} points (limit 0.2)"
+            return f"{precision} needs the validation split to measure its accuracy change, and it is not on disk"
+        if abs(r["accuracy_change_points"]) > LOW_PRECISION_MAX_ACCURACY_CHANGE * 100:
+            return f"{precision} changes validation accuracy by {r['accuracy_change_points']:+.2f} points (limit 0.2)"
         return None
     if not r["probe_max_abs_diff"] <= F32_MAX_ABS_DIFF:  # `not <=` also refuses NaN
         return f"logits differ from torch by {r['probe_max_abs_diff']:.2e} on the probe batch (limit 1e-4)"
@@ -255,7 +285,10 @@ def load_export(folder: Path, ov: Any) -> tuple[Any | None, dict[str, Any]] | No
 
 
 def _precisions(cfg: EngineConfig) -> list[str]:
-    """The precisions to try, in order: auto tries bf16 first where the CPU has bf16 instructions."""
+    """The precisions to try, in order: auto tries bf16 first where the CPU has bf16 instructions; int8 falls back
+    to f32, which needs no calibration and answers as torch does."""
+    if cfg.precision == "int8":
+        return ["int8", "f32"]
     if cfg.precision != "auto":
         return [cfg.precision]
     return ["bf16", "f32"] if cpu_bf16_flags() else ["f32"]
@@ -271,7 +304,12 @@ def _try_openvino(
     cached = load_export(folder, ov) if folder else None
     if cached is not None and cached[0] is None:
         raise EngineRefused(f"{precision}: {cached[1].get('reason')} (cached gate result)")
-    converted = cached[0] if cached else convert_openvino(ov, model, size)
+    if cached:
+        converted = cached[0]
+    else:
+        converted = convert_openvino(ov, model, size)
+        if precision == "int8":
+            converted = quantize_openvino(converted, meta, cfg.data_root)
     forward = compile_openvino(ov, converted, precision, cfg.threads or torch.get_num_threads())
     if cached is not None:
         # A cached export still meets the probe on every load, so a corrupt or stale file never serves.
@@ -284,7 +322,7 @@ def _try_openvino(
         return forward, {**cached[1], "cached": True}
     gate = run_gate(model, forward, meta, precision, cfg)
     if folder is not None and (gate["passed"] or gate["data"] == "validation" or precision == "f32"):
-        # A bf16 refusal for want of the dataset is not cached: it may be measured once the data is there.
+        # A bf16 or int8 refusal for want of the dataset is not cached: it may be measured once the data is there.
         save_export(folder, ov, converted if gate["passed"] else None, gate)
     if not gate["passed"]:
         raise EngineRefused(f"{precision}: {gate['reason']}")

@@ -65,10 +65,11 @@ class Settings(CommonSettings):
         description="what runs /predict's forward: auto (OpenVINO on the CPU when installed, torch on CUDA), "
         "torch, openvino; checked against torch at model load, torch when the check or the export fails",
     )
-    predict_precision: Literal["auto", "f32", "bf16"] = Field(
+    predict_precision: Literal["auto", "f32", "bf16", "int8"] = Field(
         "f32",
         description="the engine's precision: f32 (answers equal torch's), bf16 (faster on CPUs with bf16 "
-        "instructions; refused past a 0.2-point validation accuracy change), auto (bf16 where that gate passes)",
+        "instructions; refused past a 0.2-point validation accuracy change), int8 (OpenVINO quantized by NNCF, "
+        "calibrated on training images; the same gate, else f32), auto (bf16 where that gate passes)",
     )
     predict_gate_images: int = Field(
         10_000, ge=0, le=100_000, description="validation images the engine's gate compares with torch at export"

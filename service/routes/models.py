@@ -30,7 +30,7 @@ class PredictEngine(BaseModel):
     """What runs the model's /predict forward (service.engine), and the check it passed or failed at load."""
 
     engine: str = Field(description="openvino (compiled for the CPU) or torch (eager)", examples=["openvino"])
-    precision: str | None = Field(None, description="f32 or bf16", examples=["f32"])
+    precision: str | None = Field(None, description="f32, bf16 or int8", examples=["f32"])
     version: str | None = Field(None, description="the engine's version")
     gate: dict[str, Any] | None = Field(
         None, description="logits vs torch on a probe batch, top-1 agreement and accuracy change on validation data"

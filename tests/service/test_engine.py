@@ -17,7 +17,17 @@ import torch
 from models.checkpoints import load_checkpoint, save_checkpoint
 from models.data import load_cifar, train_val_split
 from models.runs import RunStore
-from service.engine import F32_MAX_ABS_DIFF, EngineConfig, build_engine, compile_openvino, convert_openvino, run_gate
+from service.engine import (
+    F32_MAX_ABS_DIFF,
+    EngineConfig,
+    _refusal,
+    build_engine,
+    calibration_inputs,
+    compile_openvino,
+    convert_openvino,
+    quantize_openvino,
+    run_gate,
+)
 from service.images import normalize_batch
 from service.registry import ModelRegistry
 from tests.helpers import Server, add_run
@@ -92,6 +102,42 @@ def test_bf16_reports_its_accuracy_change_and_needs_the_labelled_split(tiny: Any
     # Without the dataset there is nothing to measure the accuracy change on: bf16 is refused, torch serves.
     forward, none = build_engine(model, meta, stem, CPU, config(tmp_path / "b", None, precision="bf16"))
     assert forward is None and none["engine"] == "torch" and "validation split" in none["fallback_reason"], none
+
+
+@pytest.mark.slow
+def test_int8_is_quantized_on_training_images_and_gated_by_its_accuracy_change(tiny: Any, synthetic_data: Path,
+                                                                             tmp_path: Path) -> None:  # fmt: skip
+    model, meta, stem = tiny
+    train, val = train_val_split(load_cifar(synthetic_data, "cifar10"), 100)
+    calibration = calibration_inputs(meta, synthetic_data)
+    # Calibrated on the first training images (never the validation images the gate judges by).
+    assert torch.equal(torch.from_numpy(calibration[0]), normalize_batch(train.images[: len(calibration[0])], meta))
+    assert sum(len(c) for c in calibration) == min(1000, len(train))
+    quantized = quantize_openvino(convert_openvino(ov, model, 32), meta, synthetic_data)
+    assert sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()) >= 20  # every conv's input
+    gate = run_gate(model, compile_openvino(ov, quantized, "int8", 1), meta, "int8", config(tmp_path, synthetic_data))
+    assert gate["data"] == "validation" and "accuracy_change_points" in gate
+    assert 0 < gate["probe_max_abs_diff"] < 1.0 and gate["top1_agreement"] >= 0.8, gate  # quantized, not broken
+    assert gate["passed"] == (abs(gate["accuracy_change_points"]) <= 0.2), gate
+
+    forward, info = build_engine(model, meta, stem, CPU, config(tmp_path / "a", synthetic_data, precision="int8"))
+    assert forward is not None and info["engine"] == "openvino", info
+    if gate["passed"]:
+        assert info["precision"] == "int8" and info["gate"]["accuracy_change_points"] == gate["accuracy_change_points"]
+    else:  # refused: f32 serves, and says what int8 measured
+        assert info["precision"] == "f32" and "int8 changes validation accuracy" in info["fallback_reason"], info
+    # Without the dataset there is nothing to calibrate on: f32 serves, saying why.
+    forward, none = build_engine(model, meta, stem, CPU, config(tmp_path / "b", None, precision="int8"))
+    assert forward is not None and none["precision"] == "f32" and "calibration" in none["fallback_reason"], none
+
+
+def test_the_low_precision_gate_refuses_past_a_fifth_of_a_point() -> None:
+    measured = {"probe_max_abs_diff": 0.05, "top1_agreement": 0.99, "images": 5000, "data": "validation"}
+    for precision in ("bf16", "int8"):
+        assert _refusal({**measured, "accuracy_change_points": -0.18}, precision) is None
+        refused = _refusal({**measured, "accuracy_change_points": -0.22}, precision)
+        assert refused == f"{precision} changes validation accuracy by -0.22 points (limit 0.2)"
+        assert "validation split" in (_refusal({**measured, "data": "synthetic"}, precision) or "")
 
 
 @pytest.mark.slow
