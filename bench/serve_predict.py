@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/serve_predict.py [--model-home var [--run ID] | --shipped] [--data var/data] [--duration 10]
         [--concurrency 1 8 32 64] [--api-processes 1 2] [--server-env CONVLENS_BATCH_MAX_WAIT_MS=2 ...]
-        [--engine torch openvino openvino:bf16] [--accuracy 10000] [--json-body] [--out r.json]
+        [--engine torch openvino openvino:bf16 openvino:int8] [--accuracy 10000] [--json-body] [--out r.json]
 
 `--engine` runs the service once per engine (CONVLENS_PREDICT_ENGINE[:CONVLENS_PREDICT_PRECISION]; the first is
 the baseline of the ratios) and `--accuracy N` measures top-1 on N test images through each one's /predict. With
@@ -415,7 +415,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--server-env", nargs="*", default=[], metavar="K=V", help="CONVLENS_* settings for the service")
     ap.add_argument(
         "--engine", nargs="+", default=["torch", "openvino"], metavar="ENGINE[:PRECISION]",
-        help="the service once per engine, e.g. torch openvino openvino:bf16 (the first is the baseline)",
+        help="the service once per engine, e.g. torch openvino openvino:int8 (the first is the baseline)",
     )  # fmt: skip
     ap.add_argument("--gate-images", type=int, default=1000, help="validation images of the engine's gate")
     ap.add_argument("--accuracy", type=int, default=0, metavar="N", help="top-1 on N test images through /predict")

@@ -169,6 +169,8 @@ def calibration_inputs(meta: dict[str, Any], data_root: Path | None) -> list[np.
     dataset = str(meta.get("dataset") or "cifar10")
     if data_root is None or dataset not in ("cifar10", "cifar100"):
         raise EngineRefused("int8: calibration needs the model's training images, and no dataset is configured")
+    if val_size <= 0:  # refused before quantizing, which would be wasted: the gate would refuse it
+        raise EngineRefused("int8 needs the validation split to measure its accuracy change; this model has none")
     try:
         train, _ = train_val_split(load_cifar(data_root, dataset, train=True), val_size)
     except (ConvLensError, OSError, ValueError) as e:

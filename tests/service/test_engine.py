@@ -20,6 +20,7 @@ from models.runs import RunStore
 from service.engine import (
     F32_MAX_ABS_DIFF,
     EngineConfig,
+    EngineRefused,
     _refusal,
     build_engine,
     calibration_inputs,
@@ -113,6 +114,8 @@ def test_int8_is_quantized_on_training_images_and_gated_by_its_accuracy_change(t
     # Calibrated on the first training images (never the validation images the gate judges by).
     assert torch.equal(torch.from_numpy(calibration[0]), normalize_batch(train.images[: len(calibration[0])], meta))
     assert sum(len(c) for c in calibration) == min(1000, len(train))
+    with pytest.raises(EngineRefused, match="validation split"):  # nothing to gate by: refused before quantizing
+        calibration_inputs({**meta, "config": {**meta["config"], "val_size": 0}}, synthetic_data)
     quantized = quantize_openvino(convert_openvino(ov, model, 32), meta, synthetic_data)
     assert sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()) >= 20  # every conv's input
     gate = run_gate(model, compile_openvino(ov, quantized, "int8", 1), meta, "int8", config(tmp_path, synthetic_data))
