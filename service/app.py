@@ -23,7 +23,7 @@ from models.errors import ConvLensError
 from models.runs import RunStore
 from models.shipped import SHIPPED_DIR, SHIPPED_ID
 from service import auth, errors, limits
-from service.batching import Batcher
+from service.batching import Batcher, padded_sizes
 from service.engine import engine_config
 from service.jobs_sse import StreamLimiter
 from service.logs import RequestIdMiddleware
@@ -82,6 +82,7 @@ def build_registry(settings: Settings, store: RunStore, metrics: Metrics | None 
         default_model=default,
         on_load=metrics.observe_load if metrics else None,
         engine=engine_config(settings),
+        padded_batch_sizes=padded_sizes(settings.batch_max_size),
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from service.errors import Overloaded
 from service.images import normalize_batch
@@ -21,6 +22,21 @@ from service.registry import LoadedModel
 
 log = logging.getLogger("convlens.batching")
 T = TypeVar("T")
+
+
+def padded_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a CUDA forward is padded to: powers of two below `max_batch`, and `max_batch`.
+
+    cuDNN picks and builds its kernels once per input shape, and that first call costs far more than the forward;
+    a queue forms every size from 1 to max_batch, so unpadded a server pays that cost again and again under load.
+    Padded, a handful of shapes cover every batch and each is warmed when the model loads (ModelRegistry).
+    """
+    return [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
+
+
+def padded_size(n: int, max_batch: int) -> int:
+    """The smallest of padded_sizes(max_batch) that holds n images (n <= max_batch)."""
+    return next(s for s in padded_sizes(max_batch) if s >= n)
 
 
 @dataclass(eq=False)
@@ -60,9 +76,15 @@ class Batcher:
     """Collects up to `max_batch` images or for up to `max_wait_ms` after the first, then runs one forward."""
 
     def __init__(
-        self, max_batch: int = 64, max_wait_ms: float = 0.0, max_queue: int = 2048, metrics: Metrics | None = None
+        self,
+        max_batch: int = 64,
+        max_wait_ms: float = 0.0,
+        max_queue: int = 2048,
+        metrics: Metrics | None = None,
+        pad_devices: tuple[str, ...] = ("cuda",),
     ) -> None:
         self.max_batch = max_batch
+        self.pad_devices = pad_devices  # device types whose forwards are padded to padded_sizes(max_batch)
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics
@@ -182,6 +204,9 @@ class Batcher:
 
     @staticmethod
     def _inputs(model: LoadedModel, xs: list[torch.Tensor]) -> torch.Tensor:
+        if model.device.type != "cpu":
+            # uint8 crosses to the GPU (a quarter of float32's bytes) and is normalised and resized there.
+            xs = [x.to(model.device, non_blocking=True) for x in xs]
         if len({x.dtype for x in xs}) > 1:
             xs = [normalize_batch(x, model.meta) if x.dtype == torch.uint8 else x for x in xs]
         x = torch.cat(xs) if len(xs) > 1 else xs[0]
@@ -193,7 +218,11 @@ class Batcher:
             for chunk in x.split(self.max_batch):  # a single huge request still runs in bounded batches
                 t0 = time.perf_counter()
                 forward = model.predict_forward or model.model
-                logits = forward(chunk.to(model.device, non_blocking=True))
+                n = int(chunk.shape[0])
+                chunk = chunk.to(model.device, non_blocking=True)
+                if model.device.type in self.pad_devices:
+                    chunk = F.pad(chunk, (0, 0, 0, 0, 0, 0, 0, padded_size(n, self.max_batch) - n))
+                logits = forward(chunk)[:n]
                 parts.append(torch.softmax(logits.float(), dim=1).cpu())
                 if self.metrics:
                     self.metrics.batch_seconds.observe(time.perf_counter() - t0)

@@ -180,6 +180,7 @@ class ModelRegistry:
         on_load: Callable[[str, float], None] | None = None,
         default_check_s: float = 2.0,
         engine: EngineConfig | None = None,
+        padded_batch_sizes: Sequence[int] = (),
     ) -> None:
         self.store = store
         self.sources: list[tuple[str, ModelSource]] = [
@@ -193,6 +194,7 @@ class ModelRegistry:
         self.on_load = on_load
         self.default_check_s = default_check_s
         self.engine = engine or EngineConfig(engine="torch")  # a server passes its own (service.app)
+        self.padded_batch_sizes = tuple(padded_batch_sizes)  # the batcher's CUDA batch shapes, warmed at load
         self._lock = threading.RLock()  # guards entries, cache and scans; never held while loading weights
         self._load_locks: dict[str, threading.Lock] = {}
         self._entries: dict[str, ModelEntry] = {}
@@ -330,8 +332,12 @@ class ModelRegistry:
         t0 = time.perf_counter()
         model, meta = load_checkpoint(entry.stem, self.device)
         size = int(meta.get("input_size", 32))
-        with torch.inference_mode():  # warm-up: the first forward allocates; keep that off a user's request
-            model(torch.zeros(1, 3, size, size, device=self.device))
+        # Warm-up: the first forward of each shape allocates (and on CUDA, picks kernels); keep that off users'
+        # requests. On CUDA every batch shape the batcher pads to is warmed.
+        warm = (self.padded_batch_sizes or (1,)) if self.device.type == "cuda" else (1,)
+        with torch.inference_mode():
+            for n in warm:
+                model(torch.zeros(n, 3, size, size, device=self.device))
         forward, engine = build_engine(model, meta, entry.stem, self.device, self.engine)
         dt = time.perf_counter() - t0
         log.info("loaded model %s from %s in %.2fs (/predict: %s)", entry.id, entry.stem, dt, engine["engine"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models.checkpoints import load_checkpoint
 from models.runs import RunStore
-from service.batching import Batcher
+from service.batching import Batcher, padded_sizes
 from service.errors import Overloaded, status_for
 from service.images import ImageLimits, normalize_batch, prepare
 from service.registry import ModelRegistry
@@ -201,10 +202,20 @@ def test_default_swap_keeps_requests_in_flight_and_new_runs_appear(
 # ---- the batcher in-process ------------------------------------------------------------------------------------
 
 
-def test_batcher_answers_each_caller_and_runs_calls_alone(trained_home: Path) -> None:
+@pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "padded"])
+def test_batcher_answers_each_caller_and_runs_calls_alone(trained_home: Path, pad: bool) -> None:
+    """Padded (as on CUDA, here on the CPU), every forward has one of the few warmed shapes and the answers are
+    the same: batch norm in eval mode treats each image alone, and the padding rows are cut off."""
     loaded = ModelRegistry(RunStore(trained_home)).get("tiny")
+    shapes: list[int] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        shapes.append(int(x.shape[0]))
+        return loaded.model(x)
+
+    loaded = dataclasses.replace(loaded, predict_forward=forward)
     xs = [torch.randint(0, 256, (1 + i % 3, 3, 32, 32), dtype=torch.uint8) for i in range(24)]
-    batcher = Batcher(max_batch=16, max_wait_ms=20)
+    batcher = Batcher(max_batch=16, max_wait_ms=20, pad_devices=("cpu",) if pad else ())
     batcher.start()
     seen: list[int] = []
 
@@ -222,6 +233,8 @@ def test_batcher_answers_each_caller_and_runs_calls_alone(trained_home: Path) ->
     finally:
         batcher.close()
     assert alone == 7 and seen
+    assert sum(shapes) >= sum(int(x.shape[0]) for x in xs)
+    assert set(shapes) <= set(padded_sizes(16)) if pad else sum(shapes) == sum(int(x.shape[0]) for x in xs)
     with torch.inference_mode():
         for x, out in zip(xs, outs, strict=True):
             want = torch.softmax(loaded.model(normalize_batch(x, loaded.meta)), dim=1)
