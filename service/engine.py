@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from models.checkpoints import atomic_write_json, sha256_file, weights_path
-from models.data import load_cifar, train_val_split
+from models.data import ArrayDataset, load_cifar, train_val_split
 from models.device import cpu_bf16_flags
 from models.errors import ConvLensError
 from models.synthetic import synthetic_images
@@ -56,6 +56,9 @@ PROBE_BATCH = 32
 SYNTHETIC_GATE_IMAGES = 512
 GATE_CHUNK = 64
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+# What /models/{id} says of a model whose /predict runs on eager torch (copied, never changed).
+TORCH_INFO: dict[str, Any] = {"engine": "torch", "precision": "f32", "gate": None, "fallback_reason": None}
 
 # Logits from float32 network inputs (N, 3, H, W); the batcher applies the softmax.
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -145,14 +148,35 @@ def probe_batch(size: int) -> torch.Tensor:
     return torch.randn(PROBE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+def _val_size(meta: dict[str, Any]) -> int:
+    """The validation images the model's run held out of its training file (0: none)."""
+    return int((meta.get("config") or {}).get("val_size") or 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _training_file(root: Path, dataset: str) -> ArrayDataset:
+    """The dataset's training file, read once for both calibration and the gate (build_engine clears this)."""
+    return load_cifar(root, dataset, train=True)
+
+
+def model_splits(meta: dict[str, Any], data_root: Path | None) -> tuple[ArrayDataset, ArrayDataset | None]:
+    """(training, validation) splits of the model's dataset as its run cut them; EngineRefused says what is
+    missing."""
+    dataset = str(meta.get("dataset") or "cifar10")
+    if data_root is None or dataset not in ("cifar10", "cifar100"):
+        raise EngineRefused("no dataset is configured")
+    try:
+        return train_val_split(_training_file(Path(data_root), dataset), _val_size(meta))
+    except (ConvLensError, OSError, ValueError) as e:
+        raise EngineRefused(str(e)) from e
+
+
 def gate_images(meta: dict[str, Any], data_root: Path | None, limit: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(uint8 images, labels, source): the model's validation split when on disk, else a fixed synthetic set."""
-    val_size = int((meta.get("config") or {}).get("val_size") or 0)
-    dataset = str(meta.get("dataset") or "cifar10")
-    if data_root is not None and val_size > 0 and dataset in ("cifar10", "cifar100"):
+    if _val_size(meta) > 0:
         try:
-            _, val = train_val_split(load_cifar(data_root, dataset, train=True), val_size)
-        except (ConvLensError, OSError, ValueError) as e:
+            _, val = model_splits(meta, data_root)
+        except EngineRefused as e:
             log.info("engine gate: no validation split (%s); a synthetic set instead", e)
         else:
             if val is not None and len(val) > 0:
@@ -165,15 +189,11 @@ def gate_images(meta: dict[str, Any], data_root: Path | None, limit: int) -> tup
 def calibration_inputs(meta: dict[str, Any], data_root: Path | None) -> list[np.ndarray]:
     """Network inputs for int8 calibration: the first CALIBRATION_IMAGES of the model's training split (never the
     validation images the gate judges by), through the service's own transform, in GATE_CHUNK batches."""
-    val_size = int((meta.get("config") or {}).get("val_size") or 0)
-    dataset = str(meta.get("dataset") or "cifar10")
-    if data_root is None or dataset not in ("cifar10", "cifar100"):
-        raise EngineRefused("int8: calibration needs the model's training images, and no dataset is configured")
-    if val_size <= 0:  # refused before quantizing, which would be wasted: the gate would refuse it
+    if _val_size(meta) <= 0:  # refused before quantizing, which would be wasted: the gate would refuse it
         raise EngineRefused("int8 needs the validation split to measure its accuracy change; this model has none")
     try:
-        train, _ = train_val_split(load_cifar(data_root, dataset, train=True), val_size)
-    except (ConvLensError, OSError, ValueError) as e:
+        train, _ = model_splits(meta, data_root)
+    except EngineRefused as e:
         raise EngineRefused(f"int8: calibration needs the model's training images ({e})") from e
     images = train.images[:CALIBRATION_IMAGES]
     return [normalize_batch(c, meta).numpy() for c in images.split(GATE_CHUNK)]
@@ -335,17 +355,26 @@ def build_engine(
     model: torch.nn.Module, meta: dict[str, Any], stem: Path, device: torch.device, cfg: EngineConfig
 ) -> tuple[Forward | None, dict[str, Any]]:
     """The model's /predict forward (None: eager torch) and its description for /models/{id}."""
-    torch_info: dict[str, Any] = {"engine": "torch", "precision": "f32", "gate": None, "fallback_reason": None}
     if device.type != "cpu":
-        return None, {**torch_info, "precision": None, "fallback_reason": f"{device.type} serves with torch"}
+        return None, {**TORCH_INFO, "precision": None, "fallback_reason": f"{device.type} serves with torch"}
     if cfg.engine == "torch":
-        return None, torch_info
+        return None, dict(TORCH_INFO)
     try:
         ov = importlib.import_module(cfg.package)
     except ImportError as e:
         reason = f"{cfg.package} is not installed ({e}); `pip install openvino` for the faster CPU engine"
         log.warning("model %s serves /predict with torch: %s", stem.name, reason)
-        return None, {**torch_info, "fallback_reason": reason}
+        return None, {**TORCH_INFO, "fallback_reason": reason}
+    try:
+        return _first_openvino(ov, model, meta, stem, cfg)
+    finally:
+        _training_file.cache_clear()  # read for calibration and the gate; the server keeps no copy of the dataset
+
+
+def _first_openvino(
+    ov: Any, model: torch.nn.Module, meta: dict[str, Any], stem: Path, cfg: EngineConfig
+) -> tuple[Forward | None, dict[str, Any]]:
+    """The first precision whose export passes its gate, else torch with every precision's reason."""
     key_base = (weights_sha256(stem, meta), int(meta.get("input_size", 32)))
     reasons = []
     for precision in _precisions(cfg):
@@ -361,7 +390,7 @@ def build_engine(
             return forward, {**info, "fallback_reason": "; ".join(reasons) or None}
     reason = "; ".join(reasons)
     log.warning("model %s serves /predict with torch: %s", stem.name, reason)
-    return None, {**torch_info, "fallback_reason": reason}
+    return None, {**TORCH_INFO, "fallback_reason": reason}
 
 
 def _summary(gate: dict[str, Any]) -> str:

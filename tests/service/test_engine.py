@@ -109,7 +109,7 @@ def test_bf16_reports_its_accuracy_change_and_needs_the_labelled_split(tiny: Any
 def test_int8_is_quantized_on_training_images_and_gated_by_its_accuracy_change(tiny: Any, synthetic_data: Path,
                                                                              tmp_path: Path) -> None:  # fmt: skip
     model, meta, stem = tiny
-    train, val = train_val_split(load_cifar(synthetic_data, "cifar10"), 100)
+    train, _ = train_val_split(load_cifar(synthetic_data, "cifar10"), 100)
     calibration = calibration_inputs(meta, synthetic_data)
     # Calibrated on the first training images (never the validation images the gate judges by).
     assert torch.equal(torch.from_numpy(calibration[0]), normalize_batch(train.images[: len(calibration[0])], meta))
@@ -123,6 +123,7 @@ def test_int8_is_quantized_on_training_images_and_gated_by_its_accuracy_change(t
     assert 0 < gate["probe_max_abs_diff"] < 1.0 and gate["top1_agreement"] >= 0.8, gate  # quantized, not broken
     assert gate["passed"] == (abs(gate["accuracy_change_points"]) <= 0.2), gate
 
+    # The path a server takes: quantized inside build_engine (not cached yet), gated, and served or refused.
     forward, info = build_engine(model, meta, stem, CPU, config(tmp_path / "a", synthetic_data, precision="int8"))
     assert forward is not None and info["engine"] == "openvino", info
     if gate["passed"]:
