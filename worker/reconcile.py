@@ -353,6 +353,8 @@ def reconcile(
         elif status == "queued" and in_broker is not None and jid not in in_broker:
             if now - float(rec.get("updated") or 0) < settings.requeue_grace_s:
                 continue  # the API may be sending it right now
+            if lease_state(jobs.dir(jid), settings.stale_heartbeat_s, now)[0] == "alive":
+                continue  # a worker has taken its message and holds it: it is about to mark the job running
             if jobs.cancel_requested(jid):
                 jobs.update(jid, status="cancelled", finished=now)
                 report.cancelled.append(jid)

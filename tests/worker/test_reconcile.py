@@ -108,13 +108,15 @@ def test_live_and_foreign_runs_are_left_alone(tmp_path: Path, settings: WorkerSe
 
 def test_queued_runs_missing_from_the_broker_are_sent_again(tmp_path: Path, settings: WorkerSettings) -> None:
     store = RunStore(tmp_path)
-    lost, waiting, cancelled = (_run(store, "queued") for _ in range(3))
+    lost, waiting, cancelled, taken = (_run(store, "queued") for _ in range(4))
     store.request_cancel(cancelled)
+    _foreign_lease(store.run_dir(taken), "elsewhere", 1)  # a worker fetched its message and holds it
     sent: list[str] = []
     jobs = run_jobs(store)
     assert not reconcile(jobs, settings, sent.append, waiting=lambda: {waiting})  # all younger than the grace period
     later = time.time() + 10
     report = reconcile(jobs, settings, sent.append, waiting=lambda: {waiting}, now=later)
+    assert store.read_run(taken)["status"] == "queued"  # not sent twice: its holder is alive
     assert sent == [lost] and report.resent == [lost] and report.cancelled == [cancelled]
     assert store.read_run(cancelled)["status"] == "cancelled"
     assert not reconcile(jobs, settings, sent.append, waiting=lambda: None, now=later)  # broker unknown: no guessing
