@@ -27,7 +27,16 @@ def main() -> int:
     os.environ["CONVLENS_FUZZ_EXAMPLES"] = str(a.examples)
     os.environ["CONVLENS_FUZZ_SEED"] = str(a.seed)
     os.chdir(ROOT)
-    args = ["-q", "-p", "no:cacheprovider", "-o", "addopts=", "--timeout=0", "tests/service/test_fuzz.py"]
+    args = [
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        "--timeout=0",
+        "tests/service/test_fuzz.py",
+        "tests/service/test_fuzz_auth.py",
+    ]
     return int(pytest.main(args))
 
 

@@ -90,3 +90,9 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             s.proc.wait(10)
+
+
+@pytest.fixture
+def fresh(trained_home: Path, synthetic_data: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(run store, dataset root) for a server of one's own: a link copy of the trained home, and the dataset."""
+    yield link_copy(trained_home, tmp_path / "home"), synthetic_data
