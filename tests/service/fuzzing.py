@@ -6,13 +6,20 @@ two cores); CONVLENS_FUZZ_SEED fixes the seed (default: a fresh one each run, pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.helpers import ROOT, Server
+import pytest
+
+from tests.helpers import ROOT, Server, start_server
+
+# A real server and a few thousand requests: minutes, more while the other test process shares the cores.
+MARKS = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 EXAMPLES = int(os.environ.get("CONVLENS_FUZZ_EXAMPLES", "6"))
 SEED = int(os.environ.get("CONVLENS_FUZZ_SEED", "0")) or random.randrange(1, 2**31)
@@ -39,3 +46,13 @@ def summary(output: str) -> str:
     """The run's last line: '... N passed' or '... failures ...'."""
     lines = [line.strip("= ") for line in output.splitlines() if line.startswith("=")]
     return lines[-1] if lines else output[-500:]
+
+
+@contextlib.contextmanager
+def fuzzed_server(home: Path, data: Path, **env: str) -> Iterator[Server]:
+    """A server of the fuzz's own (no local worker), stopped however the run ends."""
+    server = start_server(home, data, env={"CONVLENS_EMBEDDED_WORKER": "false", **env})
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -16,23 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import start_server
-from tests.service.fuzzing import SEED, failures, schemathesis, summary
+from tests.service.fuzzing import MARKS, SEED, failures, fuzzed_server, schemathesis, summary
 
 pytest.importorskip("schemathesis")
-# A real server and a few thousand requests: minutes, more while the other test process shares the cores.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = MARKS
 
 
 def test_schemathesis_checks_all_pass_on_a_fresh_server(
     fresh: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    home, data = fresh
-    server = start_server(home, data, env={"CONVLENS_EMBEDDED_WORKER": "false"})
-    try:
+    with fuzzed_server(*fresh) as server:
         code, out = schemathesis(server)
-    finally:
-        server.stop()
     with capsys.disabled():  # the figure the README quotes, shown without -s
         print(f"\nschemathesis, every check (seed {SEED}): {summary(out)}")
     assert code == 0, failures(out)

@@ -1,6 +1,6 @@
 """The API fuzz with an API key configured: every guarded operation must refuse a request without the key or with
 a wrong one (schemathesis' auth checks), and nothing is queued; with the key, the same requests are served.
-The first pass, and the fixture: test_fuzz.py."""
+The first pass: test_fuzz.py."""
 
 from __future__ import annotations
 
@@ -8,26 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import start_server
-from tests.service.fuzzing import KEY, failures, schemathesis, summary
+from tests.service.fuzzing import KEY, MARKS, failures, fuzzed_server, schemathesis, summary
 
 pytest.importorskip("schemathesis")
-# A real server and a few thousand requests: minutes, more while the other test process shares the cores.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = MARKS
 
 
 def test_with_a_key_every_guarded_operation_refuses_a_missing_or_wrong_key(
     fresh: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    home, data = fresh
-    server = start_server(home, data, env={"CONVLENS_EMBEDDED_WORKER": "false", "CONVLENS_API_KEY": KEY})
-    try:
+    home = fresh[0]
+    with fuzzed_server(*fresh, CONVLENS_API_KEY=KEY) as server:
         # No key: schemathesis' auth checks send none and a wrong one to every operation that declares security.
         code, out = schemathesis(server, "--include-method", "POST", "--include-method", "DELETE", examples=3)
         queued_without_key = sorted(p.name for p in (home / "runs").iterdir())
         keyed_code, keyed = schemathesis(server, "-H", f"Authorization: Bearer {KEY}", examples=3)
-    finally:
-        server.stop()
     with capsys.disabled():
         print(f"\nschemathesis with a key configured, none sent: {summary(out)}; the key sent: {summary(keyed)}")
     assert code == 0 and keyed_code == 0, failures(out) + failures(keyed)
