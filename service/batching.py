@@ -218,8 +218,7 @@ class Batcher:
             for chunk in x.split(self.max_batch):  # a single huge request still runs in bounded batches
                 t0 = time.perf_counter()
                 forward = model.predict_forward or model.model
-                n = int(chunk.shape[0])
-                chunk = chunk.to(model.device, non_blocking=True)
+                n = int(chunk.shape[0])  # _inputs has put the batch on the model's device
                 if model.device.type in self.pad_devices:
                     chunk = F.pad(chunk, (0, 0, 0, 0, 0, 0, 0, padded_size(n, self.max_batch) - n))
                 logits = forward(chunk)[:n]
