@@ -27,7 +27,7 @@ def test_schemathesis_checks_all_pass_on_a_fresh_server(
 ) -> None:
     with fuzzed_server(*fresh) as server:
         code, out = schemathesis(server)
-    with capsys.disabled():  # the figure the README quotes, shown without -s
+    with capsys.disabled():  # the figure the README quotes, shown without -s (in one test process: PYTEST_WORKERS=0)
         print(f"\nschemathesis, every check (seed {SEED}): {summary(out)}")
     assert code == 0, failures(out)
     generated = int(re.search(r"(\d+) generated", out).group(1))  # type: ignore[union-attr]
