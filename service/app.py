@@ -23,7 +23,7 @@ from models.errors import ConvLensError
 from models.runs import RunStore
 from models.shipped import SHIPPED_DIR, SHIPPED_ID
 from service import auth, errors, limits
-from service.batching import Batcher, padded_sizes
+from service.batching import Batcher
 from service.engine import engine_config
 from service.jobs_sse import StreamLimiter
 from service.logs import RequestIdMiddleware
@@ -70,8 +70,10 @@ def drain_on_signals(loop: asyncio.AbstractEventLoop, draining: asyncio.Event) -
                 signal.signal(sig, h)
 
 
-def build_registry(settings: Settings, store: RunStore, metrics: Metrics | None = None) -> ModelRegistry:
-    """The registry over the run store, registry.json and any shipped model folders."""
+def build_registry(
+    settings: Settings, store: RunStore, batcher: Batcher, metrics: Metrics | None = None
+) -> ModelRegistry:
+    """The registry over the run store, registry.json and any shipped model folders; models warmed for `batcher`."""
     dirs = [*settings.model_dirs, *([SHIPPED_DIR] if settings.shipped_models else [])]
     default = settings.default_model or (SHIPPED_ID if settings.shipped_models else None)
     return ModelRegistry(
@@ -82,7 +84,7 @@ def build_registry(settings: Settings, store: RunStore, metrics: Metrics | None 
         default_model=default,
         on_load=metrics.observe_load if metrics else None,
         engine=engine_config(settings),
-        padded_batch_sizes=padded_sizes(settings.batch_max_size),
+        warm_sizes=batcher.warm_sizes,
     )
 
 
@@ -96,8 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         auth.warn_if_open(settings)
         torch.set_num_threads(settings.torch_threads or default_torch_threads(settings.api_processes))
         store = RunStore(settings.home)
-        registry = build_registry(settings, store, metrics)
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms, settings.max_queue_images, metrics)
+        registry = build_registry(settings, store, batcher, metrics)
         batcher.start()
         app.state.settings, app.state.store, app.state.registry, app.state.batcher = settings, store, registry, batcher
         app.state.draining = asyncio.Event()  # set by drain_on_signals; made here, on the loop that serves

@@ -29,7 +29,7 @@ def padded_sizes(max_batch: int) -> list[int]:
 
     cuDNN picks and builds its kernels once per input shape, and that first call costs far more than the forward;
     a queue forms every size from 1 to max_batch, so unpadded a server pays that cost again and again under load.
-    Padded, a handful of shapes cover every batch and each is warmed when the model loads (ModelRegistry).
+    Padded, a handful of shapes cover every batch and each is warmed when the model loads (Batcher.warm_sizes).
     """
     return [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
 
@@ -93,6 +93,11 @@ class Batcher:
         self._depth_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="convlens-inference", daemon=True)
         self._closed = False
+
+    def warm_sizes(self, device: torch.device) -> tuple[int, ...]:
+        """The batch sizes to warm a model on `device` with at load (ModelRegistry's `warm_sizes`): every shape
+        this batcher pads its forwards to there, else one image, the shape of a first request."""
+        return tuple(padded_sizes(self.max_batch)) if device.type in self.pad_devices else (1,)
 
     def start(self) -> None:
         self._thread.start()

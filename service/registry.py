@@ -180,7 +180,7 @@ class ModelRegistry:
         on_load: Callable[[str, float], None] | None = None,
         default_check_s: float = 2.0,
         engine: EngineConfig | None = None,
-        padded_batch_sizes: Sequence[int] = (),
+        warm_sizes: Callable[[torch.device], Sequence[int]] | None = None,
     ) -> None:
         self.store = store
         self.sources: list[tuple[str, ModelSource]] = [
@@ -194,7 +194,7 @@ class ModelRegistry:
         self.on_load = on_load
         self.default_check_s = default_check_s
         self.engine = engine or EngineConfig(engine="torch")  # a server passes its own (service.app)
-        self.padded_batch_sizes = tuple(padded_batch_sizes)  # the batcher's CUDA batch shapes, warmed at load
+        self.warm_sizes = warm_sizes  # the batch sizes a loaded model is warmed with (a server: Batcher.warm_sizes)
         self._lock = threading.RLock()  # guards entries, cache and scans; never held while loading weights
         self._load_locks: dict[str, threading.Lock] = {}
         self._entries: dict[str, ModelEntry] = {}
@@ -333,8 +333,8 @@ class ModelRegistry:
         model, meta = load_checkpoint(entry.stem, self.device)
         size = int(meta.get("input_size", 32))
         # Warm-up: the first forward of each shape allocates (and on CUDA, picks kernels); keep that off users'
-        # requests. On CUDA every batch shape the batcher pads to is warmed.
-        warm = (self.padded_batch_sizes or (1,)) if self.device.type == "cuda" else (1,)
+        # requests. The batcher says which shapes its forwards take on this device.
+        warm = self.warm_sizes(self.device) if self.warm_sizes else (1,)
         with torch.inference_mode():
             for n in warm:
                 model(torch.zeros(n, 3, size, size, device=self.device))

@@ -10,7 +10,9 @@ import torch
 
 from models.checkpoints import load_checkpoint
 from models.errors import InvalidArgument
+from models.resnet import ResNet18
 from models.runs import RunStore
+from service.batching import Batcher
 from service.errors import ModelNotFound, NoModel
 from service.registry import ModelRegistry, checkpoint_dir_source
 from tests.helpers import add_run
@@ -109,3 +111,22 @@ def test_a_replaced_checkpoint_is_reloaded_after_a_rescan(home: Path) -> None:
     meta_file.write_text(json.dumps({**meta, "sha256": None}))
     reg.list_models()
     assert reg.get("tiny") is not first
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "padded"])
+def test_a_model_is_warmed_with_the_batchers_shapes(trained_home: Path, pad: bool) -> None:
+    """The batcher owns the padding rule, so the registry warms exactly the shapes its forwards take on this device
+    (here the CPU stands in for CUDA): every padded size where it pads, else one image."""
+    batcher = Batcher(max_batch=16, pad_devices=("cpu",) if pad else ())
+    sizes: list[int] = []
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: object) -> None:
+        if isinstance(module, ResNet18):  # the whole network's input, not each layer's
+            sizes.append(int(args[0].shape[0]))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        registry(trained_home, warm_sizes=batcher.warm_sizes).get("tiny")
+    finally:
+        hook.remove()
+    assert sizes == ([1, 2, 4, 8, 16] if pad else [1]), sizes
