@@ -306,6 +306,8 @@ async function lookInside() {
   const opts = insideOptions();
   const fresh = nextGen("inside");
   $("#channel-detail").hidden = true;
+  // The old chips name the previous image's strongest channels: none is offered until this image's arrive.
+  $("#channel-buttons").replaceChildren();
   busy($("#featuremaps-panel"), async () => {
     const { url } = await imageURL("/featuremaps", {
       method: "POST",
@@ -314,7 +316,6 @@ async function lookInside() {
     });
     if (fresh()) setImage($("#featuremaps"), url);
   });
-  const chips = $("#channel-buttons");
   await busy($("#projections-panel"), async () => {
     const { url, res } = await imageURL("/reconstruct", {
       method: "POST",
@@ -327,7 +328,7 @@ async function lookInside() {
     state.layerChannels = opts.mode === "each" ? channels : [];
     state.grid = (res.headers.get("X-ConvLens-Grid") || "").split(",").map(Number); // rows,cols
     state.inside = opts;
-    chips.replaceChildren(
+    $("#channel-buttons").replaceChildren(
       ...state.layerChannels.map((c) =>
         el("button", { type: "button", class: "chip", "data-channel": c, text: `ch ${c}`, onclick: () => showChannel(c) }),
       ),
