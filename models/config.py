@@ -91,7 +91,8 @@ CPU_CIFAR_BF16: dict[str, object] = {
     **CPU_FAST,
     "arch": "resnet18-cifar",
     "lr": 0.2,
-    "epochs": 18,
+    # 30 epochs: 18 stopped at 92.3% (one-cycle gains most in its last third); 30 compiled fit 2.5 h on a bf16 CPU.
+    "epochs": 30,
     "precision": "bf16",
     "compile": True,
 }
