@@ -91,7 +91,8 @@ CPU_CIFAR_BF16: dict[str, object] = {
     **CPU_FAST,
     "arch": "resnet18-cifar",
     "lr": 0.2,
-    # 30 epochs: 18 stopped at 92.3% (one-cycle gains most in its last third); 30 compiled fit 2.5 h on a bf16 CPU.
+    # 30 epochs: 18 fell short of the target (one-cycle gains most in its last third); 30 compiled fit the 2.5 hours
+    # on a CPU with bf16 units (README, "The second shipped model").
     "epochs": 30,
     "precision": "bf16",
     "compile": True,
