@@ -307,7 +307,8 @@ async function lookInside() {
   const fresh = nextGen("inside");
   $("#channel-detail").hidden = true;
   // The old chips name the previous image's strongest channels: none is offered until this image's arrive.
-  $("#channel-buttons").replaceChildren();
+  const chips = $("#channel-buttons");
+  chips.replaceChildren();
   busy($("#featuremaps-panel"), async () => {
     const { url } = await imageURL("/featuremaps", {
       method: "POST",
@@ -328,7 +329,7 @@ async function lookInside() {
     state.layerChannels = opts.mode === "each" ? channels : [];
     state.grid = (res.headers.get("X-ConvLens-Grid") || "").split(",").map(Number); // rows,cols
     state.inside = opts;
-    $("#channel-buttons").replaceChildren(
+    chips.replaceChildren(
       ...state.layerChannels.map((c) =>
         el("button", { type: "button", class: "chip", "data-channel": c, text: `ch ${c}`, onclick: () => showChannel(c) }),
       ),
