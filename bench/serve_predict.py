@@ -216,6 +216,16 @@ def cpu_seconds(pid: int, tree: bool = True) -> float:
     return own + sum(cpu_seconds(k, tree=False) for k in descendants(pid)) if tree else own
 
 
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """User + system CPU time of one thread (0 if it has exited). The main thread (tid = pid) of a one-process
+    service is its event loop: HTTP, decoding and the JSON answer, all under the GIL."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batch_counters(server: Server) -> tuple[float, float]:
     """(images, forward passes) so far, from the service's /metrics."""
     text = httpx.get(server.url + "/metrics").text
@@ -224,15 +234,18 @@ def batch_counters(server: Server) -> tuple[float, float]:
 
 
 def drive(server: Server, path: str, levels: list[int], seconds: float, script: Path, env: dict[str, str],
-          service: bool) -> list[dict[str, Any]]:  # fmt: skip
-    """Warm up, then one wrk run per concurrency level."""
+          service: bool, one_process: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """Warm up, then one wrk run per concurrency level; `one_process`: also the event loop's CPU a request."""
     wrk(server.url + path, max(levels), min(3.0, seconds), script, env)
     rows = []
     for c in levels:
         before = batch_counters(server) if service else (0.0, 0.0)
-        cpu0 = cpu_seconds(server.proc.pid)
+        pid = server.proc.pid
+        cpu0, loop0 = cpu_seconds(pid), thread_cpu_seconds(pid, pid)
         row = wrk(server.url + path, c, seconds, script, env)
-        row["cpu_ms_per_req"] = (cpu_seconds(server.proc.pid) - cpu0) * 1000 / max(1, row["requests"])
+        row["cpu_ms_per_req"] = (cpu_seconds(pid) - cpu0) * 1000 / max(1, row["requests"])
+        if one_process:
+            row["loop_cpu_ms_per_req"] = (thread_cpu_seconds(pid, pid) - loop0) * 1000 / max(1, row["requests"])
         if service:
             after = batch_counters(server)
             row["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
@@ -240,6 +253,7 @@ def drive(server: Server, path: str, levels: list[int], seconds: float, script: 
         print(f"  c={c:<3d} {row['rps']:7.1f} req/s  p50 {row['p50_ms']:6.1f} ms  p95 {row['p95_ms']:6.1f} ms  "
               f"p99 {row['p99_ms']:6.1f} ms  errors {row['errors']}  cpu {row['cpu_ms_per_req']:.2f} ms/req "
               f"(wrk {row['client_cpu_ms_per_req']:.2f})"
+              + (f" loop {row['loop_cpu_ms_per_req']:.2f}" if one_process else "")
               + (f"  mean batch {row['mean_batch']:.1f}" if service else ""), flush=True)  # fmt: skip
     return rows
 
@@ -455,7 +469,7 @@ def run_services(args: argparse.Namespace, home: Path, model_id: str, tmp: Path,
             print(f"  serves with {info['engine']} {info['precision'] or ''}; gate {json.dumps(info['gate'])}"
                   + (f"; fallback: {info['fallback_reason']}" if info["fallback_reason"] else ""))  # fmt: skip
             results["wrong_answers"] = results.get("wrong_answers", 0) + check_answers(srv, path, stem, results["pngs"])
-            results["engines"][spec] = drive(srv, path, args.concurrency, args.duration, script, env, service=True)
+            results["engines"][spec] = drive(srv, path, args.concurrency, args.duration, script, env, True, True)
             if args.accuracy:
                 results["accuracy"][spec] = top1(srv, path, args.data, args.accuracy)
                 print(f"  top-1 on {args.accuracy} test images through /predict: {results['accuracy'][spec]:.2%}")
@@ -594,7 +608,9 @@ def report(results: dict[str, Any]) -> None:
 
 def row_text(r: dict[str, Any]) -> str:
     """One wrk run in a few figures (CPU-ms a request: the server's, all its processes)."""
-    return f"{r['rps']:.0f} req/s p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.0f} ms {r['cpu_ms_per_req']:.2f} CPU-ms/req"
+    loop = f" (event loop {r['loop_cpu_ms_per_req']:.2f})" if "loop_cpu_ms_per_req" in r else ""
+    latency = f"p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.0f} ms"
+    return f"{r['rps']:.0f} req/s {latency} {r['cpu_ms_per_req']:.2f} CPU-ms/req{loop}"
 
 
 def report_peers(results: dict[str, Any]) -> None:

@@ -38,18 +38,20 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
-async def model_param(
-    model: Annotated[
-        str | None,
-        Query(
-            description="model id (GET /models); default: the registry's default model",
-            examples=["seed-reproduction"],
-            max_length=64,
-            json_schema_extra={"pattern": MODEL_ID_PATTERN},  # checked by validate_model_id, with its message
-        ),
-    ] = None,
-) -> str | None:
-    """The `model=` query parameter every model-backed endpoint takes, validated as an id (never a path)."""
+# The `model=` query parameter every model-backed endpoint takes (validated as an id by model_param, never a path).
+ModelQuery = Annotated[
+    str | None,
+    Query(
+        description="model id (GET /models); default: the registry's default model",
+        examples=["seed-reproduction"],
+        max_length=64,
+        json_schema_extra={"pattern": MODEL_ID_PATTERN},  # checked by validate_model_id, with its message
+    ),
+]
+
+
+async def model_param(model: ModelQuery = None) -> str | None:
+    """The `model=` query parameter, validated as an id (never a path)."""
     return None if model is None else validate_model_id(model)
 
 

@@ -86,6 +86,7 @@ class OpenVinoForward:
 
     def __init__(self, compiled: Any, precision: str) -> None:
         self.precision = precision
+        self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))  # as compiled, not as asked
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()
 
@@ -128,12 +129,19 @@ def compile_openvino(ov: Any, converted: Any, precision: str, threads: int) -> O
     return OpenVinoForward(_core(ov).compile_model(converted, "CPU", config), precision)
 
 
+def engine_threads(processes: int = 1) -> int:
+    """The engine's default threads: every core, shared out among the API processes. Unlike eager torch's (the
+    cores less the event loop's), the event loop's core is included: OpenVINO's workers sleep when idle instead
+    of spinning, so the second thread takes only the time the event loop leaves idle (bench/serve_predict.py)."""
+    return max(1, len(os.sched_getaffinity(0)) // processes)
+
+
 def engine_config(settings: Settings) -> EngineConfig:
     """The engine settings of a server: its CONVLENS_PREDICT_* fields, the run store's cache and the dataset."""
     return EngineConfig(
         engine=settings.predict_engine,
         precision=settings.predict_precision,
-        threads=settings.torch_threads,
+        threads=settings.predict_threads or settings.torch_threads or engine_threads(settings.api_processes),
         cache_dir=settings.home / "engines",
         data_root=settings.data_root,
         gate_images=settings.predict_gate_images,
@@ -387,6 +395,7 @@ def _first_openvino(
         else:
             log.info("model %s serves /predict with OpenVINO %s (%s)", stem.name, precision, _summary(gate))
             info = {"engine": "openvino", "precision": precision, "version": ov.__version__, "gate": gate}
+            info["threads"] = forward.threads
             return forward, {**info, "fallback_reason": "; ".join(reasons) or None}
     reason = "; ".join(reasons)
     log.warning("model %s serves /predict with torch: %s", stem.name, reason)

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from models.data import normalize
 from models.errors import BadImage
 from service.errors import PayloadTooLarge, UnsupportedMediaType
+from service.png import decode_png
 
 # Formats we decode. Others Pillow knows (EPS runs Ghostscript, for one) are refused rather than trusted.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
@@ -62,6 +63,9 @@ def decode_image(data: bytes, limits: ImageLimits, draft: int | None = None, nam
         raise BadImage(f"{name} is empty (0 bytes); send the image file's contents")
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"{name} is {len(data):,} bytes; the limit is {limits.max_bytes:,}")
+    fast = decode_png(data, limits.max_pixels)
+    if fast is not None:
+        return to_rgb(fast)
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError as e:

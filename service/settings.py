@@ -71,6 +71,13 @@ class Settings(CommonSettings):
         "instructions; refused past a 0.2-point validation accuracy change), int8 (OpenVINO quantized by NNCF, "
         "calibrated on training images; the same gate, else f32), auto (bf16 where that gate passes)",
     )
+    predict_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="the engine's CPU threads in each API process (default: CONVLENS_TORCH_THREADS when set, else "
+        "the cores shared out among the API processes)",
+    )
     predict_gate_images: int = Field(
         10_000, ge=0, le=100_000, description="validation images the engine's gate compares with torch at export"
     )

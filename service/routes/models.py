@@ -32,6 +32,7 @@ class PredictEngine(BaseModel):
     engine: str = Field(description="openvino (compiled for the CPU) or torch (eager)", examples=["openvino"])
     precision: str | None = Field(None, description="f32, bf16 or int8", examples=["f32"])
     version: str | None = Field(None, description="the engine's version")
+    threads: int | None = Field(None, description="the engine's CPU threads (CONVLENS_PREDICT_THREADS)")
     gate: dict[str, Any] | None = Field(
         None, description="logits vs torch on a probe batch, top-1 agreement and accuracy change on validation data"
     )

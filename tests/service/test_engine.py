@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +27,14 @@ from service.engine import (
     calibration_inputs,
     compile_openvino,
     convert_openvino,
+    engine_config,
+    probe_batch,
     quantize_openvino,
     run_gate,
 )
 from service.images import normalize_batch
 from service.registry import ModelRegistry
+from service.settings import Settings
 from tests.helpers import Server, add_run
 from tests.service.conftest import make_client
 
@@ -120,7 +124,10 @@ def test_int8_is_quantized_on_training_images_and_gated_by_its_accuracy_change(t
     assert sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()) >= 20  # every conv's input
     gate = run_gate(model, compile_openvino(ov, quantized, "int8", 1), meta, "int8", config(tmp_path, synthetic_data))
     assert gate["data"] == "validation" and "accuracy_change_points" in gate
-    assert 0 < gate["probe_max_abs_diff"] < 1.0 and gate["top1_agreement"] >= 0.8, gate  # quantized, not broken
+    with torch.inference_mode():
+        spread = float(model(probe_batch(32)).abs().max())
+    # Quantized, not broken: the logits moved, by a fraction of their size (int8 kernels differ by CPU: AMX, VNNI).
+    assert 0 < gate["probe_max_abs_diff"] < 0.5 * spread and gate["top1_agreement"] >= 0.8, (gate, spread)
     assert gate["passed"] == (abs(gate["accuracy_change_points"]) <= 0.2), gate
 
     # The path a server takes: quantized inside build_engine (not cached yet), gated, and served or refused.
@@ -190,6 +197,15 @@ def test_registry_models_carry_their_engine(trained_home: Path, tmp_path: Path) 
     }  # fmt: skip
 
 
+def test_the_engines_threads_default_to_every_core_shared_out(tmp_path: Path) -> None:
+    """Unlike eager torch's (the cores less the event loop's), the engine's sleeping workers take every core."""
+    cores = len(os.sched_getaffinity(0))
+    assert engine_config(Settings(home=tmp_path)).threads == cores
+    assert engine_config(Settings(home=tmp_path, api_processes=2)).threads == max(1, cores // 2)
+    assert engine_config(Settings(home=tmp_path, torch_threads=1)).threads == 1  # the suite's servers
+    assert engine_config(Settings(home=tmp_path, torch_threads=1, predict_threads=3)).threads == 3
+
+
 AUTO = {"CONVLENS_PREDICT_ENGINE": "auto"}  # the production default (the suite's servers default to torch)
 
 
@@ -197,10 +213,12 @@ AUTO = {"CONVLENS_PREDICT_ENGINE": "auto"}  # the production default (the suite'
 
 
 def test_models_id_names_the_engine_and_predict_limits_hold(trained_home: Path, test_pngs: list[bytes]) -> None:
-    with make_client(trained_home, max_images_per_request=3, batch_max_size=2, predict_engine="auto") as c:
+    settings = {"max_images_per_request": 3, "batch_max_size": 2, "predict_engine": "auto", "predict_threads": 2}
+    with make_client(trained_home, **settings) as c:
         detail = c.get("/models/tiny").json()
         engine = detail["predict_engine"]
         assert engine["engine"] == "openvino" and engine["precision"] == "f32" and engine["gate"]["passed"], engine
+        assert engine["threads"] == 2, engine  # read back from the compiled model
         assert c.post("/predict", files=files(*test_pngs[:4])).status_code == 413
         r = c.post("/predict", files=files(*test_pngs[:3]), params={"top_k": 10})  # two forward passes (max 2)
         assert r.status_code == 200 and [len(p["top_k"]) for p in r.json()["predictions"]] == [10, 10, 10]

@@ -24,6 +24,7 @@ from service.batching import Batcher, padded_sizes
 from service.errors import Overloaded, status_for
 from service.images import ImageLimits, normalize_batch, prepare
 from service.registry import ModelRegistry
+from service.schemas import PredictResponse
 from tests.helpers import Server, add_run, png_bytes
 from tests.service.conftest import make_client
 
@@ -66,6 +67,8 @@ def test_one_image_equals_the_models_own_prediction(client: TestClient, test_png
     assert abs(sum(c["probability"] for c in pred["top_k"]) - 1) < 1e-5
     assert pred["top_k"][0]["name"] in {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                         "ship", "truck"}  # fmt: skip
+    # The handler builds its JSON itself (FastAPI does not validate it again): it must be the documented shape.
+    assert PredictResponse.model_validate(body).model_dump(mode="json") == body
 
 
 def test_many_images_multipart_and_json_agree(client: TestClient, test_pngs: list[bytes], reference: Any) -> None:
