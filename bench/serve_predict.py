@@ -13,9 +13,11 @@ litserve==0.2.19`, else the peer is skipped.
 Measures, in this order so they never overlap: (a) the bare model's batched in-process throughput (the ceiling),
 the service (`uvicorn service.app:create_app`, micro-batched), and (b) a naive FastAPI endpoint doing one forward
 per request in its handler, each server driven by the same wrk Lua script cycling over the same PNG bodies.
-Prints throughput, p50/p95/p99, errors, CPU-ms a request (the server's and wrk's own, from rusage), the service's
-mean micro-batch, and the ratios the issue asks for, with the CPU bound they cannot pass on these cores.
-The service runs with its defaults (torch threads = cores - 1, batch <= 64 images, no extra wait) and
+Prints throughput, p50/p95/p99, errors, CPU-ms a request (the server's and wrk's own, from rusage; the service's
+event loop's, its main thread, from /proc), the service's mean micro-batch, and the ratios the issue asks for,
+with the CPU bound they cannot pass on these cores.
+The service runs with its defaults (torch threads = cores - 1, the engine's = cores, batch <= 64 images, no extra
+wait) and
 OMP_WAIT_POLICY=PASSIVE, as `service.server.serve` runs it; the ceiling and the naive endpoint use torch's
 default threads (all cores).
 Needs `wrk` (apt-get install -y wrk). Model: var's `seed-reproduction` when finished, else an untrained
