@@ -1,8 +1,8 @@
 """The commonest upload, an 8-bit RGB or grey PNG, decoded without the Python half of Pillow's PNG plugin.
 
-Under load the event loop limits /predict, and for a 32x32 PNG Pillow spends about twice as long in its plugin's
-Python (sniffing formats, parsing chunk by chunk, building an ImageFile) as in the C that inflates and unfilters
-the pixels. Here the chunks are walked in a few lines (lengths bounded, every CRC checked) and the IDAT stream goes
+Under load the event loop limits /predict, and for a 32x32 PNG Pillow spends longer in its plugin's Python
+(sniffing formats, parsing chunk by chunk, building an ImageFile) than in the C that inflates and unfilters the
+pixels. Here the chunks are walked in a few lines (lengths bounded, every CRC checked) and the IDAT stream goes
 to the same C decoder the plugin uses (`Image.frombytes(..., "zip", rawmode)`), so the pixels are Pillow's own.
 
 Only files the full path cannot answer otherwise take it: 8-bit grey or RGB, not interlaced, and besides IHDR, one
