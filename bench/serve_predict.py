@@ -208,24 +208,25 @@ def wrk(url: str, conns: int, seconds: float, script: Path, env: dict[str, str])
     }
 
 
+def stat_cpu_seconds(stat: Path) -> float:
+    """User + system CPU time from a /proc stat file (a process's or one thread's); 0 if it has exited."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # a descendant or thread that exited meanwhile
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int, tree: bool = True) -> float:
     """User + system CPU time of a process, all its threads, and with `tree` its live descendants (API processes)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:  # a descendant that exited meanwhile
-        return 0.0
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
     return own + sum(cpu_seconds(k, tree=False) for k in descendants(pid)) if tree else own
 
 
 def thread_cpu_seconds(pid: int, tid: int) -> float:
-    """User + system CPU time of one thread (0 if it has exited). The main thread (tid = pid) of a one-process
-    service is its event loop: HTTP, decoding and the JSON answer, all under the GIL."""
-    try:
-        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of one thread. The main thread (tid = pid) of a one-process service is its event
+    loop: HTTP, decoding and the JSON answer, all under the GIL."""
+    return stat_cpu_seconds(Path(f"/proc/{pid}/task/{tid}/stat"))
 
 
 def batch_counters(server: Server) -> tuple[float, float]:
