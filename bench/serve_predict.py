@@ -472,7 +472,9 @@ def run_services(args: argparse.Namespace, home: Path, model_id: str, tmp: Path,
             print(f"  serves with {info['engine']} {info['precision'] or ''}; gate {json.dumps(info['gate'])}"
                   + (f"; fallback: {info['fallback_reason']}" if info["fallback_reason"] else ""))  # fmt: skip
             results["wrong_answers"] = results.get("wrong_answers", 0) + check_answers(srv, path, stem, results["pngs"])
-            results["engines"][spec] = drive(srv, path, args.concurrency, args.duration, script, env, True, True)
+            results["engines"][spec] = drive(
+                srv, path, args.concurrency, args.duration, script, env, service=True, one_process=True
+            )
             if args.accuracy:
                 results["accuracy"][spec] = top1(srv, path, args.data, args.accuracy)
                 print(f"  top-1 on {args.accuracy} test images through /predict: {results['accuracy'][spec]:.2%}")

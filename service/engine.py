@@ -70,7 +70,7 @@ class EngineConfig:
 
     engine: EngineName = "auto"
     precision: Precision = "auto"
-    threads: int | None = None  # None: torch's intra-op threads, which the app sets with the event loop in mind
+    threads: int | None = None  # None: torch's intra-op threads; a server's come from engine_config
     cache_dir: Path | None = None
     data_root: Path | None = None
     gate_images: int = 10_000

@@ -37,6 +37,13 @@ def with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
     return png[:33] + chunk(kind, body) + png[33:]
 
 
+def split_at_idat(png: bytes) -> tuple[bytes, bytes, bytes]:
+    """(what precedes the first IDAT chunk, its body, what follows it)."""
+    start = png.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", png[start : start + 4])
+    return png[:start], png[start + 8 : start + 8 + length], png[start + 12 + length :]
+
+
 def noise(h: int, w: int, mode: str = "RGB") -> Image.Image:
     shape = (h, w, 3) if mode == "RGB" else (h, w)
     return Image.fromarray(RNG.integers(0, 256, shape, dtype=np.uint8))
@@ -69,11 +76,8 @@ def test_fast_path_pixels_equal_pillows(name: str) -> None:
 
 def test_idat_split_over_many_chunks_is_joined() -> None:
     png = save(noise(30, 30))
-    start = png.index(b"IDAT") - 4
-    (length,) = struct.unpack(">I", png[start : start + 4])
-    body = png[start + 8 : start + 8 + length]
-    split = b"".join(chunk(b"IDAT", body[i : i + 50]) for i in range(0, len(body), 50))
-    data = png[:start] + split + png[start + 12 + length :]
+    head, body, tail = split_at_idat(png)
+    data = head + b"".join(chunk(b"IDAT", body[i : i + 50]) for i in range(0, len(body), 50)) + tail
     img = decode_png(data, MAX_PIXELS)
     assert img is not None and np.array_equal(np.asarray(img), pillow_pixels(data))
 
@@ -102,7 +106,9 @@ FULL_PATH = {
     "an unknown chunk": with_chunk(save(noise(8, 8)), b"zzZz", b"x"),
     "dpi and an ICC profile (chunks Pillow reads)": save(noise(12, 12), dpi=(72, 72), icc_profile=b"\0" * 200),
     "gAMA (Pillow reads it; a short one makes it refuse the file)": with_chunk(save(noise(9, 9)), b"gAMA", b"\0"),
-    "a broken CRC": save(noise(8, 8))[:-5] + b"\0" + save(noise(8, 8))[-4:],
+    "a broken CRC (IHDR's last byte flipped)": bytes(
+        b ^ 0xFF if i == 32 else b for i, b in enumerate(save(noise(8, 8)))
+    ),
     "truncated": save(noise(8, 8))[:-20],
     "JPEG": b"\xff\xd8\xff\xe0" + b"\0" * 50,
     "empty": b"",
@@ -143,12 +149,11 @@ def refresh_crcs(data: bytearray) -> bytes:
 def damage_pixels(png: bytes, rng: np.random.Generator) -> bytes:
     """The file with bytes of its inflated IDAT stream (filter types and filtered pixels) changed, then deflated
     and checksummed again: damage that passes every check before the decoder's own."""
-    start = png.index(b"IDAT") - 4
-    (length,) = struct.unpack(">I", png[start : start + 4])
-    raw = bytearray(zlib.decompress(png[start + 8 : start + 8 + length]))
+    head, body, tail = split_at_idat(png)
+    raw = bytearray(zlib.decompress(body))
     for _ in range(int(rng.integers(1, 4))):
         raw[int(rng.integers(0, len(raw)))] = int(rng.integers(0, 256))
-    return png[:start] + chunk(b"IDAT", zlib.compress(bytes(raw))) + png[start + 12 + length :]
+    return head + chunk(b"IDAT", zlib.compress(bytes(raw))) + tail
 
 
 MUTATIONS = ["raw", "crcs-recomputed", "inflated-data"]
